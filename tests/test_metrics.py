@@ -1,0 +1,158 @@
+import random
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from quasr.metrics import (
+    WordCounts,
+    align,
+    is_rare,
+    mean_over_sets,
+    normalize,
+    score,
+    score_by,
+    score_utterance,
+)
+
+
+def test_normalize_whisper_english():
+    assert normalize("Mr. Smith's colour, 25 percent!") == "mister smith is color 25%"
+    assert normalize("Dr. Jones paid twenty five dollars.") == "doctor jones paid $25"
+    assert normalize("The Organisation's CENTRE [laughs]") == "the organization is center"
+    assert normalize("Um, I won't go") == "i will not go"
+
+
+def test_is_rare():
+    assert is_rare("zbigniew") and is_rare("levetiracetam")
+    assert not is_rare("the") and not is_rare("doctor")
+    assert not is_rare("zbigniew", threshold=1.0)
+
+
+def _ops(ref, hyp):
+    return [op for op, _, _ in align(ref.split(), hyp.split())]
+
+
+def test_align_basic():
+    assert align("a b c d".split(), "a x c d e".split()) == [
+        ("C", 0, 0), ("S", 1, 1), ("C", 2, 2), ("C", 3, 3), ("I", None, 4)
+    ]
+    assert _ops("a b c d", "b c x d") == ["D", "C", "C", "I", "C"]
+
+
+def test_align_empty():
+    assert align([], []) == []
+    assert align([], ["a", "b"]) == [("I", None, 0), ("I", None, 1)]
+    assert align(["a", "b"], []) == [("D", 0, None), ("D", 1, None)]
+
+
+def test_align_uses_sclite_weights():
+    # sub=4, ins=del=3: a 3-word shift is cheaper (18) than 5 substitutions (20)
+    assert _ops("p q r a b", "a b s t u") == ["D", "D", "D", "C", "C", "I", "I", "I"]
+    # ties go to substitution, so the extra word becomes a leading insertion
+    assert _ops("a b c", "d e f g") == ["I", "S", "S", "S"]
+
+
+def test_rare_wer_charging():
+    u = score_utterance(
+        "The doctor gave levetiracetam to Zbigniew.",
+        "doctor gave leviticus to well zbigniew yes",
+    )
+    assert u["rare_words"] == ["levetiracetam", "zbigniew"]
+    c = u["counts"]
+    # D the (common), S levetiracetam (rare), I well -> charged to zbigniew (next ref word),
+    # I yes at the end -> charged to zbigniew (last ref word)
+    assert (c.n_ref, c.sub, c.dele, c.ins) == (6, 1, 1, 2)
+    assert (c.n_rare_ref, c.rare_errors) == (2, 3)
+    assert c.rare_wer == pytest.approx(150.0)
+    assert c.wer == pytest.approx(100 * 4 / 6)
+
+
+def test_rare_wer_insertion_goes_to_following_word():
+    # "well" sits after the rare word but before "left": charged to "left", not rare
+    c = score_utterance("zbigniew left", "zbigniew well left yes")["counts"]
+    assert (c.ins, c.n_rare_ref, c.rare_errors, c.rare_wer) == (2, 1, 0, 0.0)
+    c = score_utterance("levetiracetam", "yes levetiracetam")["counts"]
+    assert (c.ins, c.rare_errors, c.errors) == (1, 1, 1)
+
+
+def test_empty_reference_and_aggregation():
+    c = score_utterance("", "hello there")["counts"]
+    assert (c.n_ref, c.ins, c.rare_errors, c.wer, c.rare_wer) == (0, 2, 0, None, None)
+    total = score(["", "a cat sat", "Zbigniew"], ["hello there", "a cat sat", "big new"])
+    # "zbigniew" -> "big new": S + I, both charged to the rare word
+    assert (total.n_ref, total.errors, total.n_rare_ref, total.rare_errors) == (4, 4, 1, 2)
+    assert total.wer == 100.0 and total.rare_wer == 200.0
+    assert WordCounts(1, 1, 0, 0, 0, 0) + WordCounts(3, 0, 1, 1, 1, 1) == WordCounts(4, 1, 1, 1, 1, 1)
+    by = score_by(["s1", "s2", "s1"], ["a b", "c", "d"], ["a", "c", "d e"])
+    assert list(by) == ["s1", "s2"]
+    assert (by["s1"].n_ref, by["s1"].dele, by["s1"].ins, by["s2"].errors) == (3, 1, 1, 0)
+    assert mean_over_sets([10.0, None, 20.0]) == 15.0
+    assert mean_over_sets([None]) is None
+
+
+def _sclite():
+    return shutil.which("sclite") or shutil.which("sclite", path="/usr/lib/sctk/bin")
+
+
+N_RANDOM = 100  # random pairs; 30 is too few to tell sclite weights from 2-1-1
+
+
+def _pairs():
+    rng = random.Random(1234)
+    vocab = "the a cat dog sat on mat red big levetiracetam zbigniew ran".split()
+    pairs = []
+    for _ in range(N_RANDOM):
+        ref = [rng.choice(vocab) for _ in range(rng.randint(1, 12))]
+        hyp = []
+        for w in ref:
+            r = rng.random()
+            if r < 0.12:
+                continue  # deletion
+            hyp.append(rng.choice(vocab) if r < 0.3 else w)
+            if rng.random() < 0.12:
+                hyp.append(rng.choice(vocab))  # insertion
+        pairs.append((" ".join(ref), " ".join(hyp)))
+    pairs += [
+        ("", "hello there"),
+        ("just deleted", ""),
+        ("", ""),
+        ("p q r a b", "a b s t u"),
+        ("a b c", "d e f g"),
+        ("Mr. Smith's colour, 25 percent!", "mister smith's color twenty five percent"),
+    ]
+    return pairs
+
+
+@pytest.mark.skipif(_sclite() is None, reason="NIST sclite (Debian package sctk) not installed")
+def test_matches_sclite(tmp_path):
+    pairs = [(normalize(r), normalize(h)) for r, h in _pairs()]
+    ids = [f"spk{k % 3}_utt{k}" for k in range(len(pairs))]
+    for name, col in (("ref", 0), ("hyp", 1)):
+        (tmp_path / f"{name}.trn").write_text("".join(f"{p[col]} ({i})\n" for p, i in zip(pairs, ids)))
+    out = subprocess.run(
+        [_sclite(), "-r", "ref.trn", "trn", "-h", "hyp.trn", "trn", "-i", "rm", "-o", "rsum", "pra", "stdout"],
+        cwd=tmp_path, capture_output=True, text=True, check=True,
+    ).stdout
+
+    # per utterance: "id: (spk0_utt3)\nScores: (#C #S #D #I) 4 1 0 2"
+    utt = {
+        m[0]: tuple(map(int, m[1:]))
+        for m in re.findall(r"id: \((\S+)\)\nScores: \(#C #S #D #I\) (\d+) (\d+) (\d+) (\d+)", out)
+    }
+    assert len(utt) == len(pairs)
+    for (ref, hyp), i in zip(pairs, ids):
+        c = score_utterance(ref, hyp)["counts"]
+        assert (c.n_ref - c.sub - c.dele, c.sub, c.dele, c.ins) == utt[i], (i, ref, hyp)
+
+    # rsum rows: "| spk0 |   12     71 |   50     12      9      6     27     10 |"
+    rows = {
+        m[0]: tuple(map(int, m[1:]))
+        for m in re.findall(r"\|\s*(\S+)\s*\|\s*\d+\s+(\d+)\s*\|\s*\d+\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s", out)
+    }
+    refs, hyps = zip(*pairs)
+    expect = {"Sum": score(refs, hyps), **score_by([i.split("_")[0] for i in ids], refs, hyps)}
+    assert rows.keys() == expect.keys()
+    for name, c in expect.items():
+        assert rows[name] == (c.n_ref, c.sub, c.dele, c.ins, c.errors), name

@@ -1,0 +1,85 @@
+"""Model loading: the CTranslate2 converter is exact and transcribes like the ctranslate2 package."""
+from __future__ import annotations
+
+import json
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from quasr.errors import ModelError
+from quasr.models import BUNDLED, load_model
+from quasr.models.ct2 import ct2_state_dict, read_model_bin
+
+
+def test_converted_tensors_match_ct2_file(tiny):
+    src, parts = BUNDLED["whisper-tiny.en"].locate()
+    v = read_model_bin(parts[0])
+    sd = tiny.model.state_dict()
+    # fused q,k,v of encoder layer 2 is split in order, and k has no bias
+    qkv = torch.from_numpy(v["encoder/layer_2/self_attention/linear_0/weight"].astype(np.float32))
+    d = qkv.shape[1]
+    assert torch.equal(sd["model.encoder.layers.2.self_attn.k_proj.weight"], qkv[d:2 * d])
+    assert torch.equal(sd["model.encoder.layers.2.self_attn.v_proj.weight"], qkv[2 * d:])
+    kv = torch.from_numpy(v["decoder/layer_3/attention/linear_1/weight"].astype(np.float32))
+    assert torch.equal(sd["model.decoder.layers.3.encoder_attn.v_proj.weight"], kv[d:])
+    # output projection is tied to the token embedding
+    assert tiny.model.proj_out.weight.data_ptr() == tiny.model.model.decoder.embed_tokens.weight.data_ptr()
+    tensors, dims = ct2_state_dict(v)
+    assert dims["encoder_layers"] == 4 and dims["encoder_attention_heads"] == 6 and dims["vocab_size"] == 51864
+    for k, t in tensors.items():
+        assert torch.equal(sd[k], t), k
+
+
+def test_generation_config_is_complete(tiny):
+    g = tiny.model.generation_config
+    tok = tiny.processor.tokenizer
+    assert g.no_timestamps_token_id == tok.convert_tokens_to_ids("<|notimestamps|>")
+    assert g.prev_sot_token_id == tok.convert_tokens_to_ids("<|startofprev|>")
+    assert len(g.alignment_heads) == 8 and g.suppress_tokens and g.begin_suppress_tokens
+    assert g.is_multilingual is False
+    assert len(tok) == tiny.model.config.vocab_size  # timestamp tokens present for long-form decoding
+    assert tok.convert_ids_to_tokens(g.no_timestamps_token_id + 1) == "<|0.00|>"
+
+
+@pytest.mark.slow
+def test_transcribes_like_ctranslate2(tiny, asterisk_files):
+    ctranslate2 = pytest.importorskip("ctranslate2")
+    from quasr.data.audio import read_audio
+
+    src, _ = BUNDLED["whisper-tiny.en"].locate()
+    ct = ctranslate2.models.Whisper(str(src), device="cpu", compute_type="float32")
+    files = asterisk_files[::70][:8]
+    audios = [read_audio(f) for f in files]
+    ours = tiny.transcribe(audios, progress=False)
+    tok = tiny.processor.tokenizer
+    prompt = tok.convert_tokens_to_ids(["<|startoftranscript|>", "<|notimestamps|>"])
+    feats = tiny.processor.feature_extractor(audios, sampling_rate=16000, return_tensors="np").input_features
+    res = ct.generate(ctranslate2.StorageView.from_array(np.ascontiguousarray(feats)), [prompt] * len(files),
+                      beam_size=1)
+    theirs = [tok.decode(r.sequences_ids[0], skip_special_tokens=True).strip() for r in res]
+    assert ours == theirs
+    assert sum(len(t.split()) for t in ours) >= 10  # real speech came out, not empty strings
+
+
+def test_truncated_model_bin_is_reported(tmp_path):
+    src, parts = BUNDLED["whisper-tiny.en"].locate()
+    bad = tmp_path / "model.bin"
+    bad.write_bytes(parts[0].read_bytes()[:1_000_000])
+    with pytest.raises(ModelError, match="truncated"):
+        read_model_bin(bad)
+    wrong = tmp_path / "wrong.bin"
+    wrong.write_bytes(struct.pack("<I", 5) + b"\0" * 16)
+    with pytest.raises(ModelError, match="version 5"):
+        read_model_bin(wrong)
+
+
+def test_bad_specs_name_the_problem(tmp_path):
+    with pytest.raises(ModelError, match="unknown model"):
+        load_model("whisper-huge-nonexistent")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(ModelError, match="bert"):
+        load_model(str(tmp_path))
+    with pytest.raises(ModelError, match="hub"):
+        load_model("openai/whisper-nonexistent-model-xyz")
