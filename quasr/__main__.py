@@ -1,0 +1,3 @@
+from quasr.cli import main
+
+main()

@@ -1,0 +1,105 @@
+"""Transcribe speech sets with a model and score them: WER, rare-WER, per speaker, mean over sets."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from quasr import metrics
+from quasr.data import Dataset
+from quasr.models.base import AsrModel
+
+
+@dataclass
+class SetResult:
+    data: str
+    counts: metrics.WordCounts
+    by_speaker: dict[str, metrics.WordCounts]
+    utterances: list[dict]
+    seconds: float
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def n_utts(self) -> int:
+        return len(self.utterances)
+
+    @property
+    def sec_per_utt(self) -> float:
+        return self.seconds / max(1, self.n_utts)
+
+
+def score_set(data: Dataset, hyps: list[str], seconds: float = 0.0) -> SetResult:
+    """Score hypotheses against a set's references (Whisper English normalizer first)."""
+    utts, total, by_speaker = [], metrics.WordCounts(), {}
+    for u, hyp in zip(data.utterances, hyps, strict=True):
+        s = metrics.score_utterance(u.text, hyp)
+        c = s["counts"]
+        total = total + c
+        if u.speaker is not None:
+            by_speaker[u.speaker] = by_speaker.get(u.speaker, metrics.WordCounts()) + c
+        utts.append({"id": u.id, "speaker": u.speaker, "ref": u.text, "hyp": hyp, "ref_norm": s["ref"],
+                     "hyp_norm": s["hyp"], "n_ref": c.n_ref, "errors": c.errors, "sub": c.sub, "del": c.dele,
+                     "ins": c.ins, "rare_words": s["rare_words"], "rare_errors": c.rare_errors})
+    return SetResult(data.name, total, by_speaker, utts, seconds, list(data.skipped))
+
+
+def evaluate(model: AsrModel, sets: list[Dataset], batch_size: int = 8, num_beams: int = 1,
+             progress: bool = True) -> list[SetResult]:
+    results = []
+    for data in sets:
+        t0 = time.perf_counter()
+        hyps = model.transcribe([u.audio for u in data.utterances], batch_size=batch_size, num_beams=num_beams,
+                                progress=progress, desc=data.name)
+        results.append(score_set(data, hyps, time.perf_counter() - t0))
+    return results
+
+
+def _pct(x: float | None) -> float | None:
+    return None if x is None else round(x, 3)
+
+
+def to_records(results: list[SetResult], **recipe) -> list[dict]:
+    """RESULTS.md records: one per set (speaker null) and one per speaker of each set."""
+    from quasr.results import record
+
+    out = []
+    for r in results:
+        out.append(record(**recipe, data=r.data, speaker=None, n_utts=r.n_utts, n_words=r.counts.n_ref,
+                          n_rare_words=r.counts.n_rare_ref, wer=_pct(r.counts.wer),
+                          rare_wer=_pct(r.counts.rare_wer), sec_per_utt=round(r.sec_per_utt, 4),
+                          n_skipped=len(r.skipped)))
+        for spk, c in r.by_speaker.items():
+            n = sum(1 for u in r.utterances if u["speaker"] == spk)
+            out.append(record(**recipe, data=r.data, speaker=spk, n_utts=n, n_words=c.n_ref,
+                              n_rare_words=c.n_rare_ref, wer=_pct(c.wer), rare_wer=_pct(c.rare_wer)))
+    return out
+
+
+def print_tables(results: list[SetResult], title: str = "", console=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    if not console.is_terminal:
+        console = Console(width=120)
+    fmt = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
+    t = Table(title=title or None)
+    for col in ("set", "utts", "words", "WER %", "rare words", "rare-WER %", "s/utt", "skipped"):
+        t.add_column(col, justify="left" if col == "set" else "right")
+    for r in results:
+        t.add_row(r.data, str(r.n_utts), str(r.counts.n_ref), fmt(r.counts.wer), str(r.counts.n_rare_ref),
+                  fmt(r.counts.rare_wer), f"{r.sec_per_utt:.2f}", str(len(r.skipped)))
+    if len(results) > 1:
+        t.add_row("mean over sets", "", "", fmt(metrics.mean_over_sets([r.counts.wer for r in results])), "",
+                  fmt(metrics.mean_over_sets([r.counts.rare_wer for r in results])), "", "")
+    console.print(t)
+    for r in results:
+        if len(r.by_speaker) > 1:
+            s = Table(title=f"{r.data} by speaker")
+            for col in ("speaker", "utts", "words", "WER %", "rare-WER %"):
+                s.add_column(col, justify="left" if col == "speaker" else "right")
+            for spk, c in r.by_speaker.items():
+                n = sum(1 for u in r.utterances if u["speaker"] == spk)
+                s.add_row(spk, str(n), str(c.n_ref), fmt(c.wer), fmt(c.rare_wer))
+            console.print(s)
+        for item, why in r.skipped:
+            console.print(f"[yellow]skipped[/] {why}")

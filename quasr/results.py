@@ -1,0 +1,97 @@
+"""Results files in the one flat record format of shared/RESULTS.md, written atomically.
+
+A benchmark appends one record per (recipe, seed, data[, speaker]) cell as soon as it is measured, so a long
+grid can run in parts: `ResultsFile.done(key)` tells which cells a rerun may skip.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import sys
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+from quasr.metrics import NORMALIZER
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write via a temporary file in the same directory and rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: str | Path, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
+
+
+def machine_info() -> dict:
+    import torch
+
+    return {"cpus": os.cpu_count(), "torch": torch.__version__.split("+")[0], "python": platform.python_version(),
+            "platform": platform.machine()}
+
+
+def command_line() -> str:
+    prog = Path(sys.argv[0]).name
+    prog = "quasr" if prog in ("quasr", "__main__.py") else f"python {sys.argv[0]}"
+    return " ".join([prog] + [shlex.quote(a) for a in sys.argv[1:]])
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+RECORD_KEYS = ("model", "method", "bits", "group_size", "act_bits", "calib", "n_calib", "seed", "data", "speaker")
+
+
+def record(**fields) -> dict:
+    """A results record with every standard key present (None where not applicable)."""
+    base = {k: None for k in RECORD_KEYS}
+    base.update(fields)
+    return base
+
+
+class ResultsFile:
+    """A results JSON that grows one record at a time and survives interruption."""
+
+    def __init__(self, path: str | Path, benchmark: str, command: str | None = None, fresh: bool = False):
+        self.path = Path(path)
+        self.data = {"benchmark": benchmark, "created": now(), "command": command or command_line(),
+                     "normalizer": NORMALIZER, "machine": machine_info(), "records": []}
+        if self.path.exists() and not fresh:
+            old = json.loads(self.path.read_text())
+            if old.get("benchmark") != benchmark:
+                raise ValueError(f"{self.path}: holds benchmark {old.get('benchmark')!r}, not {benchmark!r}")
+            self.data["records"] = old.get("records", [])
+
+    @property
+    def records(self) -> list[dict]:
+        return self.data["records"]
+
+    @staticmethod
+    def key(rec: dict, keys=RECORD_KEYS) -> tuple:
+        return tuple(json.dumps(rec.get(k), sort_keys=True) for k in keys)
+
+    def done(self, rec: dict, keys=RECORD_KEYS) -> bool:
+        k = self.key(rec, keys)
+        return any(self.key(r, keys) == k for r in self.records)
+
+    def add(self, *recs: dict) -> None:
+        for rec in recs:
+            k = self.key(rec)
+            self.data["records"] = [r for r in self.records if self.key(r) != k] + [rec]
+        self.data["created"] = now()
+        write_json(self.path, self.data)
