@@ -40,7 +40,7 @@ def load_hf(name: str, split: str = "test", config: str | None = None, audio: st
 
     path = Path(name).expanduser()
     try:
-        if (path / "dataset_info.json").exists() or (path / "state.json").exists():
+        if any((path / f).exists() for f in ("dataset_dict.json", "dataset_info.json", "state.json")):
             ds = datasets.load_from_disk(str(path))
             if isinstance(ds, datasets.DatasetDict):
                 if split not in ds:
