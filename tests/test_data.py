@@ -131,8 +131,11 @@ def test_hf_dataset_offline_saved_to_disk(manifest_dir):
 
 
 def test_hf_hub_name_offline_is_a_clear_error(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    import datasets
+    import huggingface_hub
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # as a machine without the internet
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(DataError, match=r"hf:nobody/no-such-dataset: cannot load split 'test'"):
         load_source("hf:nobody/no-such-dataset:test")
 
