@@ -85,6 +85,107 @@ def eval_cmd(
         _fail(e)
 
 
+def _calibration(calib: list[str], n_calib: int, seed: int, skip_bad: bool):
+    """The calibration utterances: a seeded sample of n_calib from the union of the sources."""
+    import random
+
+    from quasr.quant.grid import QuantConfigError
+
+    pool = [u for ds in _load_sets(calib, None, skip_bad) for u in ds]
+    if n_calib > len(pool):
+        raise QuantConfigError(f"asked for {n_calib} calibration utterances but {', '.join(calib)} has only "
+                               f"{len(pool)}; lower --n-calib or add --calib sources")
+    return sorted(random.Random(seed).sample(pool, n_calib), key=lambda u: u.id)
+
+
+def _layer_table(report, max_rows: int = 200):
+    from rich.table import Table
+
+    t = Table(title=f"{report.config.method}: per-layer relative output error (RTN -> solver)")
+    for col in ("layer", "shape", "err RTN", "err", "inherited", "after", "s"):
+        t.add_column(col, justify="left" if col == "layer" else "right")
+    f = lambda x: "-" if x is None else f"{x:.2e}"  # noqa: E731
+    for r in report.layers[:max_rows]:
+        t.add_row(r["name"].replace("model.", ""), "x".join(map(str, r["shape"])), f(r.get("err_rtn")), f(r.get("err")),
+                  f(r.get("err_asym_fp")), f(r.get("err_asym")), f"{r.get('seconds', 0):.2f}")
+    return t
+
+
+GROUP_HELP = "Columns per scale group; 0 = one group per output channel"
+
+
+@app.command("quantize")
+def quantize_cmd(
+    model: str = typer.Option("whisper-tiny.en", "--model", "-m", help="Bundled name, model dir or hub id"),
+    method: str = typer.Option("gptq", help="rtn | gptq | qep | gptaq"),
+    bits: int = typer.Option(4, help="Weight bits, 2-8"),
+    group_size: int = typer.Option(128, help=GROUP_HELP),
+    alpha: Optional[float] = typer.Option(None, help="QEP/GPTAQ strength (default 0.5 for qep, 0.25 for gptaq)"),
+    sym: bool = typer.Option(False, help="Symmetric grid (no zero points)"),
+    act_order: bool = typer.Option(False, help="GPTQ: columns by decreasing Hessian diagonal (static groups)"),
+    mse: bool = typer.Option(False, help="Search a clipped range per group (MSE)"),
+    embedding_bits: int = typer.Option(8, help="Bits of the tied token embedding / output head, per row; 0 keeps FP32"),
+    layers: str = typer.Option("all", help="all | encoder | decoder"),
+    encoder_frames: str = typer.Option("window", help="window (30 s, as at inference) | speech (cut after the audio)"),
+    calib: list[str] = typer.Option(["asterisk:calib", "tts:calib"], "--calib", help="Calibration source (repeatable)"),
+    n_calib: int = typer.Option(128, help="Calibration utterances, sampled from the sources with --seed"),
+    seed: int = typer.Option(0, help="Seed of the calibration sample"),
+    out: Path = typer.Option(..., "--out", "-o", help="Checkpoint directory to write"),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable calibration items"),
+    progress: bool = typer.Option(True, help="Show progress bars"),
+):
+    """Quantize a model layer by layer and write a low-bit checkpoint."""
+    try:
+        from quasr import checkpoint
+        from quasr.methods import get_method
+        from quasr.models import load_model
+        from quasr.models.whisper import quiet_transformers
+        from quasr.progress import console
+        from quasr.quantize import QuantConfig, quantize_
+
+        quiet_transformers()
+        cfg = QuantConfig(method=method, bits=bits, group_size=group_size or None, sym=sym, mse=mse,
+                          act_order=act_order, alpha=alpha, embedding_bits=embedding_bits or None, layers=layers,
+                          encoder_frames=encoder_frames)
+        cfg.grid()
+        m = get_method(method)
+        utts = _calibration(calib, n_calib, seed, skip_bad) if m.needs_calibration else []
+        asr = load_model(model)
+        report = quantize_(asr, cfg, utts, progress=progress)
+        console.print(_layer_table(report))
+        import resource
+
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        asr.recipe.update(model=asr.name, spec=model, calib=calib if utts else None, seed=seed if utts else None,
+                          quant_seconds=round(report.seconds, 2), peak_rss_mb=round(peak_mb))
+        checkpoint.save(asr, out, asr.recipe | {"layers_report": report.layers})
+        i = checkpoint.info(out)
+        console.print(f"quantized {len(report.layers)} layers in {report.seconds:.1f} s; wrote {out} "
+                      f"({i['dir_mb']:.1f} MB, {i['bits_per_weight']:.2f} bits per Linear weight)")
+    except QuasrError as e:
+        _fail(e)
+
+
+@app.command("info")
+def info_cmd(path: Path = typer.Argument(..., help="Checkpoint directory")):
+    """Print a checkpoint's recipe, bits per weight and size."""
+    try:
+        import json
+
+        from quasr import checkpoint
+        from quasr.progress import console
+
+        i = checkpoint.info(path)
+        r = {k: v for k, v in (i["recipe"] or {}).items() if k not in ("layers_report", "calib_ids")}
+        console.print_json(json.dumps({"recipe": r, "n_quantized": i["n_quantized"],
+                                       "linear": {k: i["linear"][k] for k in ("modules", "weights", "mb", "bits", "bits_per_weight")},
+                                       "embedding": {k: i["embedding"][k] for k in ("modules", "weights", "mb", "bits", "bits_per_weight")},
+                                       "fp_mb": i["fp"]["bytes"] / 1e6, "file_mb": i["file_mb"], "dir_mb": i["dir_mb"]},
+                                      default=str))
+    except QuasrError as e:
+        _fail(e)
+
+
 def main() -> None:  # pragma: no cover
     app()
 

@@ -1,6 +1,7 @@
 """Transcribe speech sets with a model and score them: WER, rare-WER, per speaker, mean over sets."""
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -78,9 +79,7 @@ def print_tables(results: list[SetResult], title: str = "", console=None) -> Non
     from rich.console import Console
     from rich.table import Table
 
-    console = console or Console()
-    if not console.is_terminal:
-        console = Console(width=120)
+    console = console or Console(width=None if sys.stdout.isatty() else 140)
     fmt = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
     t = Table(title=title or None)
     for col in ("set", "utts", "words", "WER %", "rare words", "rare-WER %", "s/utt", "skipped"):

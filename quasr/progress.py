@@ -1,10 +1,12 @@
 """One progress-bar style for every long loop (rich)."""
 from __future__ import annotations
 
+import sys
+
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-console = Console(stderr=True)
+console = Console(stderr=True, width=None if sys.stderr.isatty() else 140)  # logs get whole table rows
 
 
 def progress_bar(enabled: bool = True) -> Progress:

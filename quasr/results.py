@@ -67,8 +67,11 @@ def record(**fields) -> dict:
 class ResultsFile:
     """A results JSON that grows one record at a time and survives interruption."""
 
-    def __init__(self, path: str | Path, benchmark: str, command: str | None = None, fresh: bool = False):
+    def __init__(self, path: str | Path, benchmark: str, command: str | None = None, fresh: bool = False,
+                 option_keys: tuple[str, ...] = ()):
+        """option_keys: record keys beyond the standard ones that tell cells apart (e.g. "alpha")."""
         self.path = Path(path)
+        self.keys = RECORD_KEYS + tuple(option_keys)
         self.data = {"benchmark": benchmark, "created": now(), "command": command or command_line(),
                      "normalizer": NORMALIZER, "machine": machine_info(), "records": []}
         if self.path.exists() and not fresh:
@@ -81,13 +84,13 @@ class ResultsFile:
     def records(self) -> list[dict]:
         return self.data["records"]
 
-    @staticmethod
-    def key(rec: dict, keys=RECORD_KEYS) -> tuple:
-        return tuple(json.dumps(rec.get(k), sort_keys=True) for k in keys)
+    def key(self, rec: dict) -> tuple:
+        return tuple(json.dumps(rec.get(k), sort_keys=True) for k in self.keys)
 
-    def done(self, rec: dict, keys=RECORD_KEYS) -> bool:
-        k = self.key(rec, keys)
-        return any(self.key(r, keys) == k for r in self.records)
+    def done(self, rec: dict) -> bool:
+        """Whether a record with the same cell key (missing keys count as None) is already stored."""
+        k = self.key(rec)
+        return any(self.key(r) == k for r in self.records)
 
     def add(self, *recs: dict) -> None:
         for rec in recs:

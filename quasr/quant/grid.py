@@ -86,7 +86,7 @@ def fit_params(w: torch.Tensor, grid: QuantGrid) -> tuple[torch.Tensor, torch.Te
         scale = 2 * amax / maxq
         zero = torch.full_like(scale, (maxq + 1) // 2)
         if grid.mse:
-            scale = _mse_search(w, scale, zero, maxq, lambda s: s, sym=True, amax=amax)
+            scale = _mse_search_sym(w, amax, zero, maxq)
         return scale, zero
     xmin = w.amin(dim=1).clamp(max=0)
     xmax = w.amax(dim=1).clamp(min=0)
@@ -99,12 +99,13 @@ def fit_params(w: torch.Tensor, grid: QuantGrid) -> tuple[torch.Tensor, torch.Te
     return scale, zero
 
 
-def _mse_search(w, scale, zero, maxq, _f, sym, amax, steps: int = 80, shrink: float = 0.8, norm: float = 2.4):
-    best = torch.full_like(scale, float("inf"))
-    best_scale = scale.clone()
+def _mse_search_sym(w, amax, zero, maxq, steps: int = 80, shrink: float = 0.8, norm: float = 2.4):
+    """Symmetric MSE clipping: grid search over shrunken ranges p·max|w| (p = 1, 1 − 1/steps, ..., > 1 − shrink),
+    keeping for each row the scale with the lowest Σ|Q(w) − w|^norm (zero fixed at the midpoint)."""
+    best = torch.full_like(amax, float("inf"))
+    best_scale = 2 * amax / maxq
     for i in range(int(shrink * steps)):
-        p = 1 - i / steps
-        s = 2 * amax * p / maxq
+        s = 2 * amax * (1 - i / steps) / maxq
         err = (quantize_dequantize(w, s[:, None], zero[:, None], maxq) - w).abs().pow(norm).sum(dim=1)
         better = err < best
         best = torch.where(better, err, best)

@@ -1,0 +1,135 @@
+"""Weight-only PTQ grid: full precision, RTN, GPTQ, QEP (α 0.25/0.5/1) and GPTAQ at W4G128 and W3G128.
+
+    python bench/ptq.py                                   # default grid on whisper-tiny.en (about 60 min)
+    python bench/ptq.py --models whisper-base --methods fp,rtn,gptq --bits 4
+    python bench/ptq.py --limit 20 --n-calib 16           # smoke run -> bench/results/ptq-limit20.json
+
+Each quantized cell runs `quasr quantize` in a subprocess (its wall time and peak RSS are the cost of
+quantizing), then loads the written checkpoint (so every number is for the reloaded low-bit model) and scores
+it on the test sets. One record per (model, method, bits, group size, alpha, data) is appended as soon as it is
+measured; a rerun skips finished cells. Default test sets: asterisk:test limited to 150 utterances and
+tts:test limited to 96 (12 per voice), spread evenly, so one evaluation of tiny.en takes about 1.5 min.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from quasr import checkpoint
+from quasr.bench import eval_cell, print_records
+from quasr.models import load_model
+from quasr.models.whisper import quiet_transformers
+from quasr.paths import cache_dir
+from quasr.results import ResultsFile
+
+RESULTS = Path(__file__).parent / "results"
+DEFAULT_DATA = "asterisk:test@150,tts:test@96"
+# (method, alpha) in the default grid
+GRID = [("rtn", None), ("gptq", None), ("qep", 0.25), ("qep", 0.5), ("qep", 1.0), ("gptaq", 0.25)]
+
+
+def parse_data(spec: str, limit: int | None) -> list[tuple[str, int | None]]:
+    out = []
+    for part in spec.split(","):
+        name, _, n = part.partition("@")
+        out.append((name, limit or (int(n) if n else None)))
+    return out
+
+
+def quantize_subprocess(model: str, method: str, bits: int, group: int, alpha, args, out: Path) -> dict:
+    cmd = [sys.executable, "-m", "quasr", "quantize", "--model", model, "--method", method, "--bits", str(bits),
+           "--group-size", str(group), "--n-calib", str(args.n_calib), "--seed", str(args.seed),
+           "--encoder-frames", args.encoder_frames, "--out", str(out), "--no-progress"]
+    for c in args.calib.split(","):
+        cmd += ["--calib", c]
+    if alpha is not None:
+        cmd += ["--alpha", str(alpha)]
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t
+    if proc.returncode != 0:
+        raise SystemExit(f"quantize failed ({' '.join(cmd)}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return {"wall": wall, "log": proc.stdout}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="whisper-tiny.en")
+    ap.add_argument("--methods", default="fp," + ",".join(sorted({m for m, _ in GRID})))
+    ap.add_argument("--bits", default="4,3")
+    ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--alphas", default=None, help="override QEP alphas, e.g. 0.5")
+    ap.add_argument("--data", default=DEFAULT_DATA, help="SET[@N],... (N utterances spread evenly)")
+    ap.add_argument("--limit", type=int, default=None, help="utterances per test set (overrides @N)")
+    ap.add_argument("--calib", default="asterisk:calib,tts:calib")
+    ap.add_argument("--n-calib", type=int, default=128)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--encoder-frames", default="window")
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--fresh", action="store_true")
+    args = ap.parse_args()
+    quiet_transformers()
+    out = args.out or RESULTS / (f"ptq-limit{args.limit}.json" if args.limit else "ptq.json")
+    results = ResultsFile(out, "ptq", fresh=args.fresh, option_keys=("alpha", "encoder_frames"))
+    data = parse_data(args.data, args.limit)
+    methods = args.methods.split(",")
+    grid = [(m, a) for m, a in GRID if m in methods]
+    if args.alphas:
+        grid = [(m, a) for m, a in grid if m != "qep"] + [("qep", float(a)) for a in args.alphas.split(",")]
+    calib_name = "+".join(args.calib.split(","))
+
+    for model_name in args.models.split(","):
+        if "fp" in methods:
+            fp = None
+            for d, n in data:
+                rec = dict(model=model_name, method="fp", bits=None, group_size=None)
+                if not results.done(dict(rec, data=d, speaker=None)):
+                    fp = fp or load_model(model_name)
+                    size = sum(p.numel() * p.element_size() for p in {id(p): p for p in fp.model.parameters()}.values())
+                    eval_cell(results, fp, d, n, rec, extra={"size_mb": round(size / 1e6, 2), "bits_per_weight": 32})
+            del fp
+        for bits in map(int, args.bits.split(",")):
+            for method, alpha in grid:
+                recipe = dict(model=model_name, method=method, bits=bits, group_size=args.group_size,
+                              calib=None if method == "rtn" else calib_name,
+                              n_calib=None if method == "rtn" else args.n_calib,
+                              seed=None if method == "rtn" else args.seed, alpha=alpha)
+                recipe["encoder_frames"] = None if method == "rtn" else args.encoder_frames
+                if all(results.done(dict(recipe, data=d, speaker=None)) for d, _ in data):
+                    continue
+                tag = f"{model_name}-{method}-w{bits}g{args.group_size}" + (f"-a{alpha}" if alpha is not None else "") \
+                      + f"-n{args.n_calib}-s{args.seed}-{args.encoder_frames}"
+                ckpt = cache_dir("bench", "ptq") / tag
+                print(f"== {tag}: quantizing", flush=True)
+                q = quantize_subprocess(model_name, method, bits, args.group_size, alpha, args, ckpt)
+                info = checkpoint.info(ckpt)
+                r = info["recipe"]
+                extra = {"quant_seconds": r.get("quant_seconds"), "quant_wall_seconds": round(q["wall"], 1),
+                         "peak_rss_mb": r.get("peak_rss_mb"), "size_mb": round(info["dir_mb"], 2),
+                         "weights_mb": round(info["file_mb"], 2),
+                         "bits_per_weight": round(info["bits_per_weight"], 3),
+                         "embedding_bits_per_weight": info["embedding"]["bits_per_weight"]}
+                asr = checkpoint.load(ckpt)
+                for d, n in data:
+                    eval_cell(results, asr, d, n, recipe, extra=extra)
+    table(results, out)
+
+
+def table(results: ResultsFile, out: Path) -> None:
+    recs = [dict(r) for r in results.records if r["speaker"] is None]
+    fp_speed = {(r["model"], r["data"]): r["sec_per_utt"] for r in recs if r["method"] == "fp"}
+    for r in recs:
+        base = fp_speed.get((r["model"], r["data"]))
+        r["speed_vs_fp"] = round(base / r["sec_per_utt"], 2) if base and r.get("sec_per_utt") else None
+    print_records(recs, ["model", "method", "bits", "group_size", "alpha", "data", "n_utts", "wer", "rare_wer",
+                         "quant_seconds", "peak_rss_mb", "size_mb", "bits_per_weight", "sec_per_utt", "speed_vs_fp"],
+                  title=f"Weight-only PTQ ({out.name})")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""Layer-wise quantization methods: each shapes the metric and the target; the GPTQ solver is shared.
+
+A method is one small file that registers a `Method`:
+
+    register(Method("gptq", solve=solve))
+
+`solve(W, stats, cfg, name)` gets a layer's full-precision weight [out, in], its calibration statistics
+(`LayerStats`: H = Σ x̂x̂ᵀ over the partially quantized model's inputs, and when `needs_fp_stream`,
+H_Δ = Σ (x − x̂) x̂ᵀ and Σ x xᵀ from the full-precision model's inputs) and returns (QuantizedWeight, info).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+
+@dataclass
+class LayerStats:
+    H: torch.Tensor                       # Σ x̂ x̂ᵀ  [in, in]
+    n: int = 0                            # positions summed
+    H_delta: torch.Tensor | None = None   # Σ (x − x̂) x̂ᵀ  [in, in]
+    XX: torch.Tensor | None = None        # Σ x xᵀ  [in, in]
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    solve: Callable
+    needs_calibration: bool = True
+    needs_fp_stream: bool = False        # H_Δ needs the full-precision model's inputs too
+    default_alpha: float | None = None
+    doc: str = ""
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    METHODS[method.name] = method
+    return method
+
+
+def get_method(name: str) -> Method:
+    from quasr.methods import gptaq, gptq, qep, rtn  # noqa: F401  (registration)
+    from quasr.quant.grid import QuantConfigError
+
+    if name not in METHODS:
+        raise QuantConfigError(f"unknown method {name!r} (choose from {', '.join(sorted(METHODS))})")
+    return METHODS[name]

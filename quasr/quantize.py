@@ -1,0 +1,288 @@
+"""The layer-wise quantization engine: `quantize_(asr, QuantConfig(...), calibration_utterances)`.
+
+Walks the model block by block in execution order (encoder blocks on the calibration audio, then decoder
+blocks teacher-forced on the calibration transcripts) with two streams of activations: X̂ through the model
+whose earlier layers are already quantized, and, for methods that need it, X through the full-precision
+model. Each Linear gets streamed statistics only (H = Σ x̂x̂ᵀ, H_Δ = Σ (x − x̂)x̂ᵀ, Σ xxᵀ; O(d²) per layer,
+never all activations), then its method's solver runs and the layer's weight is replaced by its quantized
+value before later layers are calibrated. With `true_sequential` the Linears of a block are solved group by
+group (q/k/v, then out, then fc1, then fc2...), each group seeing the already quantized groups before it.
+At the end quantized layers become packed low-bit modules (quasr.quant.modules).
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from quasr.methods import LayerStats, get_method
+from quasr.quant.grid import QuantConfigError, QuantGrid, QuantizedWeight, check_finite, rtn
+from quasr.progress import progress_bar
+
+MIN_CALIB = 2
+
+
+@dataclass
+class Block:
+    name: str                 # dotted module path, e.g. "model.encoder.layers.0"
+    module: torch.nn.Module
+    groups: list[list[str]]   # Linear names inside the block, grouped in execution order
+    stage: str                # "encoder" | "decoder"
+
+
+@dataclass
+class QuantConfig:
+    method: str = "gptq"
+    bits: int = 4
+    group_size: int | None = 128
+    sym: bool = False
+    mse: bool = False
+    act_order: bool = False
+    alpha: float | None = None           # QEP / GPTAQ strength (method default when None)
+    percdamp: float = 0.01
+    embedding_bits: int | None = 8       # tied token embedding / output head, per row; None keeps it FP
+    layers: str = "all"                  # all | encoder | decoder
+    true_sequential: bool = True
+    encoder_frames: str = "window"       # window (full 30 s, as at inference) | speech (cut after the audio)
+
+    def grid(self) -> QuantGrid:
+        return QuantGrid(self.bits, self.group_size, self.sym, self.mse)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class QuantReport:
+    config: QuantConfig
+    layers: list[dict] = field(default_factory=list)   # per layer: name, shape, errors, solver info
+    seconds: float = 0.0
+    n_calib: int = 0
+    calib_ids: list[str] = field(default_factory=list)
+
+
+class _Stop(Exception):
+    """Raised by a hook once every Linear of the current group has run: the rest of the block is skipped."""
+
+
+def _rel_err(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:
+    """‖(W − Ŵ) X̂‖² / ‖W X̂‖², from H = X̂X̂ᵀ alone."""
+    d = W - W_hat
+    den = ((W @ H) * W).sum().clamp(min=1e-12)
+    return float(((d @ H) * d).sum() / den)
+
+
+def _asym_err(W: torch.Tensor, W_hat: torch.Tensor, s: LayerStats) -> float:
+    """‖W X − Ŵ X̂‖² / ‖W X‖² from Σxxᵀ, Σx̂x̂ᵀ and Σxx̂ᵀ = H_Δ + H."""
+    XXh = s.H_delta + s.H
+    num = ((W @ s.XX) * W).sum() - 2 * ((W @ XXh) * W_hat).sum() + ((W_hat @ s.H) * W_hat).sum()
+    return float(num / ((W @ s.XX) * W).sum().clamp(min=1e-12))
+
+
+def _collect(cal, block: Block, fp_block, names: list[str], items, hq, hf, ctx_q, ctx_f, need_fp: bool,
+             extra_hook=None) -> dict[str, LayerStats]:
+    """Run the group's part of the block on every calibration item, accumulating each Linear's statistics."""
+    lin_q = {n: block.module.get_submodule(n) for n in names}
+    stats = {n: LayerStats(torch.zeros(m.in_features, m.in_features)) for n, m in lin_q.items()}
+    if need_fp:
+        for n, m in lin_q.items():
+            stats[n].H_delta = torch.zeros(m.in_features, m.in_features)
+            stats[n].XX = torch.zeros(m.in_features, m.in_features)
+    fp_inputs: dict[str, torch.Tensor] = {}
+    seen: set[str] = set()
+    current: dict = {}
+
+    def fp_hook(name):
+        def hook(mod, inp, out):
+            fp_inputs[name] = inp[0].detach().reshape(-1, mod.in_features).float()
+            seen.add(name)
+            if len(seen) == len(names):
+                raise _Stop
+        return hook
+
+    def q_hook(name):
+        def hook(mod, inp, out):
+            xh = inp[0].detach().reshape(-1, mod.in_features).float()
+            s = stats[name]
+            s.H.addmm_(xh.T, xh)
+            s.n += xh.shape[0]
+            if need_fp:
+                x = fp_inputs[name]
+                s.H_delta.addmm_((x - xh).T, xh)
+                s.XX.addmm_(x.T, x)
+            if extra_hook is not None:
+                extra_hook(name, s, xh, current["item"])
+            seen.add(name)
+            if len(seen) == len(names):
+                raise _Stop
+        return hook
+
+    handles = [m.register_forward_hook(q_hook(n)) for n, m in lin_q.items()]
+    if need_fp:
+        handles += [fp_block.get_submodule(n).register_forward_hook(fp_hook(n)) for n in names]
+    try:
+        with torch.inference_mode():
+            for i, item in enumerate(items):
+                current["item"] = item
+                if need_fp:
+                    seen.clear()
+                    try:
+                        cal.run_block(block, fp_block, hf[i], ctx_f[i])
+                    except _Stop:
+                        pass
+                seen.clear()
+                try:
+                    cal.run_block(block, block.module, hq[i], ctx_q[i])
+                except _Stop:
+                    pass
+                fp_inputs.clear()
+    finally:
+        for h in handles:
+            h.remove()
+    return stats
+
+
+def _check_layers(asr, blocks: list[Block], grid: QuantGrid) -> None:
+    """Fail before any work on shapes the grid cannot take or on NaN/inf weights, naming the layer."""
+    for b in blocks:
+        for group in b.groups:
+            for n in group:
+                w = b.module.get_submodule(n).weight
+                grid.check(tuple(w.shape), f"{b.name}.{n}")
+                check_finite(w.detach(), f"{b.name}.{n}")
+
+
+def quantize_(asr, cfg: QuantConfig, calib=(), progress: bool = True, on_layer=None) -> QuantReport:
+    """Quantize `asr` (an AsrModel) in place and return a per-layer report.
+
+    `calib` is a sequence of Utterances (teacher-forced: audio and reference text). RTN needs none.
+    Quantized layers end up as packed low-bit modules; `asr.recipe` records the configuration.
+    """
+    t0 = time.perf_counter()
+    method = get_method(cfg.method)
+    if cfg.layers not in ("all", "encoder", "decoder"):
+        raise QuantConfigError(f"layers must be all, encoder or decoder, got {cfg.layers!r}")
+    grid = cfg.grid()
+    cal = asr.calibration(cfg.encoder_frames)
+    blocks = [b for b in cal.blocks if cfg.layers in ("all", b.stage)]
+    _check_layers(asr, blocks, grid)
+    calib = list(calib)
+    if method.needs_calibration and len(calib) < MIN_CALIB:
+        raise QuantConfigError(f"{cfg.method} needs calibration utterances: got {len(calib)}, need at least "
+                               f"{MIN_CALIB} (use --calib and --n-calib)")
+    report = QuantReport(cfg, n_calib=len(calib) if method.needs_calibration else 0,
+                         calib_ids=[u.id for u in calib] if method.needs_calibration else [])
+    quantized: dict[str, QuantizedWeight] = {}
+
+    embed = asr.model.get_input_embeddings()
+    fp_embed = embed.weight.detach().clone()
+    if cfg.embedding_bits:
+        name = "model.decoder.embed_tokens"
+        check_finite(fp_embed, name)
+        qe = rtn(fp_embed, QuantGrid(cfg.embedding_bits, None, sym=True), name)
+        with torch.no_grad():
+            embed.weight.copy_(qe.dequantize())  # tied: the output head sees the quantized rows too
+        quantized[name] = qe
+        report.layers.append({"name": name, "shape": list(fp_embed.shape), "bits": cfg.embedding_bits,
+                              "group_size": None, "method": "rtn", "seconds": 0.0})
+
+    n_linears = sum(len(g) for b in blocks for g in b.groups)
+    with progress_bar(progress) as bar:
+        task = bar.add_task(f"{cfg.method} W{cfg.bits}" + (f"G{cfg.group_size}" if cfg.group_size else ""),
+                            total=n_linears)
+        if not method.needs_calibration:
+            for b in blocks:
+                for n in sum(b.groups, []):
+                    _solve_layer(b, n, None, method, cfg, quantized, report, on_layer)
+                    bar.advance(task)
+        else:
+            _walk(asr, cal, blocks, calib, method, cfg, fp_embed, quantized, report, bar, task, on_layer)
+
+    pack_model(asr.model, quantized)
+    report.seconds = time.perf_counter() - t0
+    asr.method, asr.bits, asr.group_size = cfg.method, cfg.bits, cfg.group_size
+    asr.recipe = {**cfg.to_dict(), "alpha": cfg.alpha if cfg.alpha is not None else method.default_alpha,
+                  "n_calib": report.n_calib, "calib_ids": report.calib_ids}
+    return report
+
+
+def pack_model(model: torch.nn.Module, quantized: dict[str, QuantizedWeight]) -> None:
+    """Replace each quantized layer by its packed low-bit module (the tied embedding and head by one copy)."""
+    from quasr.quant.modules import QuantizedLinear, replace_module, replace_tied_embedding, tied_embedding_names
+
+    tied = tied_embedding_names(model)
+    for name, qw in quantized.items():
+        if tied and name == tied[0]:
+            replace_tied_embedding(model, qw)
+        elif isinstance(model.get_submodule(name), torch.nn.Linear):
+            replace_module(model, name, QuantizedLinear.from_linear(model.get_submodule(name), qw))
+        else:
+            raise QuantConfigError(f"{name}: cannot pack a {type(model.get_submodule(name)).__name__}")
+
+
+def _solve_layer(block: Block, n: str, stats: LayerStats | None, method, cfg, quantized, report, on_layer):
+    lin = block.module.get_submodule(n)
+    full = f"{block.name}.{n}"
+    W = lin.weight.detach().float().clone()
+    t = time.perf_counter()
+    qw, info = method.solve(W, stats, cfg, full)
+    W_hat = qw.dequantize()
+    row = {"name": full, "shape": list(W.shape), "bits": cfg.bits, "group_size": cfg.group_size,
+           "method": cfg.method, "seconds": round(time.perf_counter() - t, 3),
+           **{k: v for k, v in info.items() if isinstance(v, (int, float, str))}}
+    if stats is not None:
+        row["err_rtn"] = _rel_err(W, rtn(W, cfg.grid(), full).dequantize(), stats.H)
+        row["err"] = _rel_err(W, W_hat, stats.H)
+        if stats.XX is not None:
+            row["err_asym_fp"] = _asym_err(W, W, stats)   # inherited: unquantized W on shifted inputs
+            row["err_asym"] = _asym_err(W, W_hat, stats)
+    with torch.no_grad():
+        lin.weight.copy_(W_hat.to(lin.weight.dtype))
+    quantized[full] = qw
+    report.layers.append(row)
+    if on_layer:
+        on_layer(row)
+
+
+def _walk(asr, cal, blocks, calib, method, cfg, fp_embed, quantized, report, bar, task, on_layer):
+    need_fp = method.needs_fp_stream
+    items = cal.prepare(calib)
+    stage = None
+    hq = hf = ctx_q = ctx_f = None
+    with torch.inference_mode():
+        enc_in = [cal.encoder_input(it) for it in items]
+    for block in blocks:
+        with torch.inference_mode():
+            if block.stage != stage:
+                if block.stage == "encoder":
+                    hq = enc_in
+                    hf = list(enc_in) if need_fp else None
+                    ctx_q = ctx_f = [None] * len(items)
+                else:
+                    if stage is None:  # decoder only: the encoder stays full precision
+                        enc = asr.model.model.encoder
+                        hq = enc_in
+                        for layer in enc.layers:
+                            hq = [layer(h, None) for h in hq]
+                        hf = hq
+                    ctx_q = [cal.encoder_output(h) for h in hq]
+                    ctx_f = [cal.encoder_output(h) for h in hf] if need_fp else ctx_q
+                    hq = [cal.decoder_input(it) for it in items]
+                    hf = [cal.decoder_input(it, fp_embed) for it in items] if need_fp else None
+                stage = block.stage
+        fp_block = copy.deepcopy(block.module) if need_fp else None
+        groups = block.groups if cfg.true_sequential else [sum(block.groups, [])]
+        for group in groups:
+            bar.update(task, description=f"{cfg.method} {block.name}.{group[0].split('.')[0]}")
+            stats = _collect(cal, block, fp_block, group, items, hq, hf, ctx_q, ctx_f, need_fp,
+                             getattr(method, "extra_hook", None))
+            for n in group:
+                _solve_layer(block, n, stats[n], method, cfg, quantized, report, on_layer)
+                bar.advance(task)
+            del stats
+        with torch.inference_mode():
+            hq = [cal.run_block(block, block.module, h, c) for h, c in zip(hq, ctx_q)]
+            if need_fp:
+                hf = [cal.run_block(block, fp_block, h, c) for h, c in zip(hf, ctx_f)]
