@@ -166,6 +166,82 @@ def quantize_cmd(
         _fail(e)
 
 
+@app.command("compare")
+def compare_cmd(
+    model: str = typer.Option("whisper-tiny.en", "--model", "-m", help="Bundled name, model dir or hub id"),
+    method: str = typer.Option("gptq", help="rtn | gptq | qep | gptaq"),
+    bits: int = typer.Option(4, help="Weight bits, 2-8"),
+    group_size: int = typer.Option(128, help=GROUP_HELP),
+    alpha: Optional[float] = typer.Option(None, help="QEP/GPTAQ strength"),
+    embedding_bits: int = typer.Option(8, help="Bits of the tied token embedding / output head; 0 keeps FP32"),
+    encoder_frames: str = typer.Option("window", help="window | speech (see quasr quantize --help)"),
+    calib: list[str] = typer.Option(["asterisk:calib", "tts:calib"], "--calib", help="Calibration source (repeatable)"),
+    n_calib: int = typer.Option(128, help="Calibration utterances"),
+    seed: int = typer.Option(0, help="Seed of the calibration sample"),
+    data: list[str] = typer.Option(["asterisk:test"], "--data", "-d", help=DATA_HELP),
+    limit: Optional[int] = typer.Option(None, "--limit", "-n", help="Keep N test utterances per set"),
+    save: Optional[Path] = typer.Option(None, help="Also write the quantized checkpoint here"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write results JSON here"),
+    progress: bool = typer.Option(True, help="Show progress bars"),
+):
+    """Quantize a model and compare its WER with the original on the same speech (the default main job)."""
+    try:
+        import time
+
+        from rich.table import Table
+
+        from quasr import checkpoint
+        from quasr.evaluate import evaluate, to_records
+        from quasr.methods import get_method
+        from quasr.metrics import NORMALIZER
+        from quasr.models import load_model
+        from quasr.models.whisper import quiet_transformers
+        from quasr.progress import console
+        from quasr.quantize import QuantConfig, quantize_
+        from quasr.results import command_line, machine_info, now, write_json
+
+        quiet_transformers()
+        cfg = QuantConfig(method=method, bits=bits, group_size=group_size or None, alpha=alpha,
+                          embedding_bits=embedding_bits or None, encoder_frames=encoder_frames)
+        cfg.grid()
+        utts = _calibration(calib, n_calib, seed, False) if get_method(method).needs_calibration else []
+        sets = _load_sets(data, limit, False)
+        asr = load_model(model)
+        fp_size = sum(p.numel() * p.element_size() for p in {id(p): p for p in asr.model.parameters()}.values())
+        fp = evaluate(asr, sets, progress=progress)
+        t = time.perf_counter()
+        quantize_(asr, cfg, utts, progress=progress)
+        q_seconds = time.perf_counter() - t
+        q_size = sum(b.numel() * b.element_size() for b in asr.model.buffers()) + sum(
+            p.numel() * p.element_size() for p in asr.model.parameters())
+        q = evaluate(asr, sets, progress=progress)
+        label = f"{method} W{bits}" + (f"G{group_size}" if group_size else "") + \
+                (f" E{embedding_bits}" if embedding_bits else "")
+        tab = Table(title=f"{asr.name}: full precision vs {label} (greedy, normalizer {NORMALIZER})")
+        for col in ("set", "utts", "WER fp %", f"WER {label} %", "rare-WER fp %", "rare-WER q %", "s/utt fp", "s/utt q"):
+            tab.add_column(col, justify="left" if col == "set" else "right")
+        f = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
+        for a, b in zip(fp, q):
+            tab.add_row(a.data, str(a.n_utts), f(a.counts.wer), f(b.counts.wer), f(a.counts.rare_wer),
+                        f(b.counts.rare_wer), f(a.sec_per_utt), f(b.sec_per_utt))
+        console.print(tab)
+        console.print(f"model in memory: {fp_size / 1e6:.1f} MB full precision -> {q_size / 1e6:.1f} MB quantized; "
+                      f"quantization took {q_seconds:.1f} s on {n_calib if utts else 0} calibration utterances")
+        if save:
+            checkpoint.save(asr, save, asr.recipe | {"model": asr.name, "spec": model, "calib": calib if utts else None,
+                                                     "seed": seed if utts else None})
+            console.print(f"wrote {save}")
+        if out:
+            recipe = dict(model=asr.name, method=method, bits=bits, group_size=group_size or None,
+                          calib="+".join(calib) if utts else None, n_calib=len(utts) or None,
+                          seed=seed if utts else None)
+            write_json(out, {"benchmark": "compare", "created": now(), "command": command_line(),
+                             "normalizer": NORMALIZER, "machine": machine_info(),
+                             "records": to_records(fp, model=asr.name, method="fp") + to_records(q, **recipe)})
+    except QuasrError as e:
+        _fail(e)
+
+
 @app.command("info")
 def info_cmd(path: Path = typer.Argument(..., help="Checkpoint directory")):
     """Print a checkpoint's recipe, bits per weight and size."""

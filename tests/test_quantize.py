@@ -1,0 +1,177 @@
+"""The layer-wise engine on the real whisper-tiny.en and real asterisk speech (small calibration sets)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from quasr.data import Utterance, load_source
+from quasr.models import load_model
+from quasr.quant.grid import QuantConfigError
+from quasr.quant.modules import QuantizedEmbedding, QuantizedLinear, TiedQuantizedHead
+from quasr.quantize import QuantConfig, quantize_
+
+
+@pytest.fixture(scope="module")
+def calib(asterisk_files):
+    return load_source("asterisk:calib", limit=4).utterances
+
+
+@pytest.fixture
+def fresh_tiny():
+    return load_model("whisper-tiny.en")
+
+
+def test_block_walk_reproduces_the_model(tiny, calib):
+    """Walking encoder and decoder blocks by hand (window mode) gives the model's own logits."""
+    cal = tiny.calibration("window")
+    [item] = cal.prepare(calib[:1])
+    with torch.inference_mode():
+        h = cal.encoder_input(item)
+        for b in cal.blocks:
+            if b.stage == "encoder":
+                h = cal.run_block(b, b.module, h, None)
+        ctx = cal.encoder_output(h)
+        d = cal.decoder_input(item)
+        for b in cal.blocks:
+            if b.stage == "decoder":
+                d = cal.run_block(b, b.module, d, ctx)
+        ours = cal.logits(d)
+        ref = tiny.model(input_features=item["features"], decoder_input_ids=item["tokens"]).logits
+    assert torch.allclose(ours, ref, atol=1e-4)
+    # teacher forcing: prompt, the reference's tokens, end of text
+    tok = tiny.processor.tokenizer
+    assert item["tokens"][0, 0] == tok.convert_tokens_to_ids("<|startoftranscript|>")
+    assert item["tokens"][0, -1] == tok.convert_tokens_to_ids("<|endoftext|>")
+    assert tok.decode(item["tokens"][0, item["n_prompt"]:-1]).strip() == calib[0].text
+
+
+def test_rtn_packs_every_linear_and_the_tied_embedding(fresh_tiny, calib):
+    n_linear = sum(isinstance(m, torch.nn.Linear) for m in fresh_tiny.model.modules()) - 1  # minus proj_out
+    report = quantize_(fresh_tiny, QuantConfig(method="rtn", bits=4, group_size=128), progress=False)
+    m = fresh_tiny.model
+    assert sum(isinstance(x, QuantizedLinear) for x in m.modules()) == n_linear == 64
+    assert not any(type(x) is torch.nn.Linear for x in m.modules())
+    assert isinstance(m.model.decoder.embed_tokens, QuantizedEmbedding)
+    assert isinstance(m.proj_out, TiedQuantizedHead) and m.proj_out.embedding is m.model.decoder.embed_tokens
+    assert len(report.layers) == 65 and fresh_tiny.recipe["method"] == "rtn"
+    stored = sum(b.numel() * b.element_size() for b in m.buffers()) + sum(
+        p.numel() * p.element_size() for p in m.parameters())
+    assert stored < 40e6  # FP32 tiny.en is 151 MB
+    text = fresh_tiny.transcribe([calib[0].audio], progress=False)[0]
+    assert len(text.split()) >= 1
+
+
+def test_gptq_beats_rtn_on_the_calibration_objective(fresh_tiny, calib):
+    report = quantize_(fresh_tiny, QuantConfig(method="gptq", bits=3, encoder_frames="speech"), calib,
+                       progress=False)
+    rows = [r for r in report.layers if "err" in r]
+    assert len(rows) == 64
+    better = sum(r["err"] < r["err_rtn"] for r in rows)
+    assert better >= 60, [(r["name"], r["err"], r["err_rtn"]) for r in rows if r["err"] >= r["err_rtn"]]
+    assert np.median([r["err"] / r["err_rtn"] for r in rows]) < 0.7
+
+
+def test_qep_sees_inherited_error_only_after_the_first_layer(fresh_tiny, calib):
+    report = quantize_(fresh_tiny, QuantConfig(method="qep", bits=4, alpha=0.5, encoder_frames="speech",
+                                               embedding_bits=None), calib, progress=False)
+    by_name = {r["name"]: r for r in report.layers}
+    first = by_name["model.encoder.layers.0.self_attn.q_proj"]
+    assert first["err_asym_fp"] == pytest.approx(0, abs=1e-9)  # both streams see the same input there
+    later = by_name["model.encoder.layers.2.fc1"]
+    assert later["err_asym_fp"] > 1e-5  # the quantized layers before it shifted its input
+    assert later["alpha"] == 0.5
+    assert fresh_tiny.recipe["alpha"] == 0.5 and fresh_tiny.recipe["n_calib"] == len(calib)
+
+
+def test_decoder_only_leaves_the_encoder_alone(fresh_tiny, calib):
+    before = fresh_tiny.model.model.encoder.layers[0].fc1.weight.clone()
+    quantize_(fresh_tiny, QuantConfig(method="gptq", layers="decoder", encoder_frames="speech"), calib,
+              progress=False)
+    enc_fc1 = fresh_tiny.model.model.encoder.layers[0].fc1
+    assert type(enc_fc1) is torch.nn.Linear and torch.equal(enc_fc1.weight, before)
+    assert isinstance(fresh_tiny.model.model.decoder.layers[0].fc1, QuantizedLinear)
+
+
+@pytest.mark.parametrize("cfg, message", [
+    (dict(bits=9), "bits must be between 2 and 8"),
+    (dict(group_size=100), r"model.encoder.layers.0.self_attn.q_proj: group size 100 does not divide"),
+    (dict(method="magic"), "unknown method 'magic'"),
+    (dict(layers="middle"), "layers must be all, encoder or decoder"),
+])
+def test_bad_configs_fail_before_any_work(fresh_tiny, calib, cfg, message):
+    with pytest.raises(QuantConfigError, match=message):
+        quantize_(fresh_tiny, QuantConfig(**cfg), calib, progress=False)
+
+
+def test_nan_weight_is_named(fresh_tiny, calib):
+    with torch.no_grad():
+        fresh_tiny.model.model.decoder.layers[1].fc2.weight[3, 5] = float("nan")
+    with pytest.raises(QuantConfigError, match=r"model.decoder.layers.1.fc2: weight has 1 NaN"):
+        quantize_(fresh_tiny, QuantConfig(method="gptq"), calib, progress=False)
+
+
+def test_calibration_input_errors(fresh_tiny, calib):
+    from quasr.errors import DataError
+
+    with pytest.raises(QuantConfigError, match="needs calibration utterances: got 1"):
+        quantize_(fresh_tiny, QuantConfig(method="gptq"), calib[:1], progress=False)
+    long = Utterance("too-long", np.zeros(16000 * 31, np.float32), "words", None)
+    with pytest.raises(DataError, match="calibration utterance too-long: 31.0 s is longer"):
+        quantize_(fresh_tiny, QuantConfig(method="gptq", encoder_frames="speech"), [calib[0], long],
+                  progress=False)
+
+
+@pytest.mark.slow
+def test_cli_quantize_info_eval_roundtrip(tmp_path, asterisk_files):
+    """quasr quantize writes a checkpoint that `quasr info` describes and `quasr eval` transcribes exactly
+    as the in-memory quantized model does."""
+    from typer.testing import CliRunner
+
+    from quasr.cli import app
+    from quasr.data.audio import read_audio
+
+    runner = CliRunner()
+    out = tmp_path / "ckpt"
+    r = runner.invoke(app, ["quantize", "--method", "gptq", "--bits", "4", "--calib", "asterisk:calib",
+                            "--n-calib", "3", "--encoder-frames", "speech", "--out", str(out), "--no-progress"])
+    assert r.exit_code == 0, r.output
+    recipe = json.loads((out / "quasr_checkpoint.json").read_text())["recipe"]
+    assert recipe["method"] == "gptq" and recipe["bits"] == 4 and recipe["n_calib"] == 3
+    assert len(recipe["calib_ids"]) == 3 and recipe["seed"] == 0
+    r = runner.invoke(app, ["info", str(out)])
+    assert r.exit_code == 0 and '"bits_per_weight"' in r.output
+
+    manifest = tmp_path / "m.jsonl"
+    files = asterisk_files[:3]
+    manifest.write_text("".join(json.dumps({"audio": str(f), "text": "x"}) + "\n" for f in files))
+    res = tmp_path / "res.json"
+    r = runner.invoke(app, ["eval", "--model", str(out), "--data", str(manifest), "--out", str(res), "--no-progress"])
+    assert r.exit_code == 0, r.output
+    got = json.loads(res.read_text())
+    hyps = [u["hyp"] for u in got["utterances"][str(manifest)]]
+    assert got["records"][0]["method"] == "gptq" and got["records"][0]["bits"] == 4
+
+    # the same recipe in memory, on the same calibration sample, transcribes identically
+    from quasr.cli import _calibration
+
+    asr = load_model("whisper-tiny.en")
+    quantize_(asr, QuantConfig(method="gptq", bits=4, encoder_frames="speech"),
+              _calibration(["asterisk:calib"], 3, 0, False), progress=False)
+    assert asr.transcribe([read_audio(f) for f in files], progress=False) == hyps
+
+
+def test_cli_errors_are_clear(tmp_path):
+    from typer.testing import CliRunner
+
+    from quasr.cli import app
+
+    runner = CliRunner()
+    r = runner.invoke(app, ["quantize", "--method", "gptq", "--calib", "asterisk:calib", "--n-calib", "5000",
+                            "--out", str(tmp_path / "x")])
+    assert r.exit_code == 2 and "has only 263" in r.output
+    assert not (tmp_path / "x").exists()
+    r = runner.invoke(app, ["eval", "--model", "no-such-model", "--data", "asterisk:test", "--limit", "1"])
+    assert r.exit_code == 2 and "unknown model" in r.output
