@@ -7,6 +7,7 @@ kept beside the results (bench/results/transcripts/) so full-precision transcrip
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from quasr.data import Dataset, load_source
@@ -36,8 +37,11 @@ def eval_cell(results: ResultsFile, model: AsrModel, data: str, limit: int | Non
     if results.done(record(**recipe, data=data, speaker=None)):
         return None
     ds = dataset(data, limit)
+    load_before = os.getloadavg()[0]
     [res] = evaluate(model, [ds], progress=progress)
-    recs = [dict(r, **(extra or {})) for r in to_records([res], **recipe)]
+    # other work on the machine slows transcription: the 1-minute load average is kept beside the timing
+    load = {"load_avg": round(max(load_before, os.getloadavg()[0]), 2)}
+    recs = [dict(r, **load, **(extra or {})) for r in to_records([res], **recipe)]
     path = transcripts_path(results, recipe, data)
     atomic_write_text(path, "".join(json.dumps({k: u[k] for k in ("id", "speaker", "ref", "hyp", "errors", "n_ref")},
                                                ensure_ascii=False) + "\n" for u in res.utterances))

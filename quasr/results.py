@@ -40,8 +40,8 @@ def write_json(path: str | Path, obj) -> None:
 def machine_info() -> dict:
     import torch
 
-    return {"cpus": os.cpu_count(), "torch": torch.__version__.split("+")[0], "python": platform.python_version(),
-            "platform": platform.machine()}
+    return {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__.split("+")[0],
+            "python": platform.python_version(), "platform": platform.machine()}
 
 
 def command_line() -> str:

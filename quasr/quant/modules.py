@@ -1,0 +1,358 @@
+"""Quantized modules that keep their weights packed in memory and dequantize on the fly.
+
+    QuantizedLinear     nn.Linear replacement: `bits` bits a weight plus a float16 scale (and a packed zero
+                        point when asymmetric) per row and group
+    QuantizedEmbedding  nn.Embedding replacement (default 8-bit, one scale per row); a lookup dequantizes only
+                        the rows it reads
+    TiedQuantizedHead   the output projection of a model whose head is tied to its token embedding
+                        (Whisper's proj_out): shares the QuantizedEmbedding's buffers, holds no copy
+
+Buffers (what a checkpoint stores): `weight_packed` uint8 [rows, cols*bits/8] (quasr.quant.pack's planar
+layout of the codes, original column order), `weight_scale` [rows, n_groups] (float16 by default),
+`weight_zero` uint8 [rows, ceil(n_groups*bits/8)] (pack_stream) or None when symmetric (zero = 2**(bits-1)),
+and for the linear an optional float32 `bias`. The weight is w = scale * (code - zero), as in
+quasr.quant.grid.
+
+No dequantized weight is cached. For the few-row inputs of autoregressive decoding, a weight larger than
+8 MB in float32 (Whisper's tied vocabulary head) is multiplied in chunks of output rows, each dequantized
+into a cache-sized buffer, so a step reads the packed bytes once instead of writing and reading a
+full-precision copy; smaller weights are dequantized whole. (torch 2.13's CPU low-bit kernels,
+_weight_int4pack_mm_for_cpu and _weight_int8pack_mm, were measured slower than this for float32 inputs on
+Whisper's shapes and are not used.)
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from quasr.quant.grid import QuantConfigError, QuantGrid, QuantizedWeight
+from quasr.quant.pack import pack, pack_stream, packed_width, stream_width, unpack, unpack_stream
+
+CHUNK_BYTES = 1 << 22   # dequantized rows per chunk: about this many bytes of float32
+CHUNK_MAX_ROWS = 64     # inputs with at most this many rows (tokens) use the chunked matmul...
+CHUNK_MIN_BYTES = 1 << 23  # ...for weights larger than this in float32 (smaller ones dequantize at once)
+
+
+def _n_groups(cols: int, group_size: int | None) -> int:
+    return 1 if group_size is None else cols // group_size
+
+
+class _PackedRows(nn.Module):
+    """Shared storage of a quantized [rows, cols] matrix (rows: outputs, or the vocabulary)."""
+
+    def __init__(self, rows: int, cols: int, bits: int, group_size: int | None, sym: bool,
+                 scale_dtype: torch.dtype = torch.float16, device=None):
+        super().__init__()
+        QuantGrid(bits, group_size, sym).check((rows, cols), type(self).__name__)
+        if group_size is not None and group_size > cols:
+            raise QuantConfigError(f"group size {group_size} exceeds the input width {cols}")
+        self.rows, self.cols = int(rows), int(cols)
+        self.bits, self.group_size, self.sym = int(bits), group_size, bool(sym)
+        ng = _n_groups(cols, group_size)
+        self.register_buffer("weight_packed",
+                             torch.empty(rows, packed_width(cols, bits), dtype=torch.uint8, device=device))
+        self.register_buffer("weight_scale", torch.empty(rows, ng, dtype=scale_dtype, device=device))
+        if sym:
+            self.register_buffer("weight_zero", None)
+        else:
+            self.register_buffer("weight_zero",
+                                 torch.empty(rows, stream_width(ng, bits), dtype=torch.uint8, device=device))
+
+    # -- construction -------------------------------------------------------------------------------------
+
+    @property
+    def n_groups(self) -> int:
+        return _n_groups(self.cols, self.group_size)
+
+    @property
+    def grid(self) -> QuantGrid:
+        return QuantGrid(self.bits, self.group_size, self.sym)
+
+    @staticmethod
+    def _storage_sym(qw: QuantizedWeight) -> bool:
+        """Symmetric storage drops the zero points; only when they are all the constant 2**(bits-1)."""
+        mid = 1 << (qw.grid.bits - 1)
+        return bool(qw.grid.sym and bool((qw.zeros == mid).all()))
+
+    def _fill(self, qw: QuantizedWeight) -> None:
+        rows, cols = qw.shape
+        if (rows, cols) != (self.rows, self.cols):
+            raise QuantConfigError(f"quantized weight shape {(rows, cols)} != module shape {(self.rows, self.cols)}")
+        if tuple(qw.scales.shape) != (rows, self.n_groups) or tuple(qw.zeros.shape) != (rows, self.n_groups):
+            raise QuantConfigError(f"scales/zeros of shape {tuple(qw.scales.shape)}/{tuple(qw.zeros.shape)} "
+                                   f"do not match {rows} rows x {self.n_groups} groups")
+        if not torch.isfinite(qw.scales).all():
+            raise QuantConfigError("quantized weight has NaN or infinite scales")
+        dev = self.weight_packed.device
+        self.weight_packed = pack(qw.codes.to(torch.uint8).cpu(), self.bits).to(dev)
+        scale = qw.scales.detach().to(self.weight_scale.dtype)
+        if not torch.isfinite(scale).all():
+            raise QuantConfigError(f"scales overflow {self.weight_scale.dtype}")
+        self.weight_scale = scale.to(dev).contiguous()
+        if self.weight_zero is not None:
+            self.weight_zero = pack_stream(qw.zeros.to(torch.uint8).cpu(), self.bits).to(dev)
+
+    # -- dequantization -----------------------------------------------------------------------------------
+
+    def _zeros(self, packed_rows: torch.Tensor | None, dtype) -> torch.Tensor | float:
+        if packed_rows is None:
+            return float(1 << (self.bits - 1))
+        return unpack_stream(packed_rows, self.bits, self.n_groups).to(dtype).unsqueeze(-1)
+
+    def _dequantize(self, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                    dtype) -> torch.Tensor:
+        """Rows of the weight from their packed codes, scales and (packed) zeros: scale * (code - zero)."""
+        r = packed.shape[0]
+        w = unpack(packed, self.bits, self.cols).to(dtype).reshape(r, self.n_groups, -1)
+        w.sub_(self._zeros(zero, dtype))
+        w.mul_(scale.to(dtype).unsqueeze(-1))
+        return w.reshape(r, self.cols)
+
+    def _dequantize_rows(self, r0: int, r1: int, dtype) -> torch.Tensor:
+        z = None if self.weight_zero is None else self.weight_zero[r0:r1]
+        return self._dequantize(self.weight_packed[r0:r1], self.weight_scale[r0:r1], z, dtype)
+
+    def dequantize(self, dtype=torch.float32) -> torch.Tensor:
+        """The full [rows, cols] weight (for tests and export; forward never builds it for few-row inputs)."""
+        return self._dequantize_rows(0, self.rows, dtype)
+
+    def quantized_weight(self) -> QuantizedWeight:
+        """Back to quasr.quant.grid's form (codes unpacked, float32 scales as stored)."""
+        codes = unpack(self.weight_packed, self.bits, self.cols).clone()
+        if self.weight_zero is None:
+            zeros = torch.full((self.rows, self.n_groups), 1 << (self.bits - 1), dtype=torch.uint8,
+                               device=codes.device)
+        else:
+            zeros = unpack_stream(self.weight_zero, self.bits, self.n_groups).clone()
+        return QuantizedWeight(codes, self.weight_scale.float(), zeros, self.grid)
+
+    def _matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """x @ W.T (+ bias) over the last dim of x, W dequantized to x's dtype."""
+        dtype = x.dtype if x.is_floating_point() else torch.float32
+        x = x.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+        n_tokens = x.numel() // self.cols if self.cols else 0
+        if n_tokens > CHUNK_MAX_ROWS or 4 * self.rows * self.cols <= CHUNK_MIN_BYTES:
+            return F.linear(x, self.dequantize(dtype), bias)
+        x2 = x.reshape(-1, self.cols)
+        out = x2.new_empty(x2.shape[0], self.rows)
+        step = max(16, CHUNK_BYTES // (4 * self.cols))
+        for r0 in range(0, self.rows, step):
+            r1 = min(self.rows, r0 + step)
+            out[:, r0:r1] = F.linear(x2, self._dequantize_rows(r0, r1, dtype))
+        if bias is not None:
+            out += bias
+        return out.reshape(*x.shape[:-1], self.rows)
+
+    # -- memory -------------------------------------------------------------------------------------------
+
+    def storage_nbytes(self) -> int:
+        """Bytes of the quantized weight: packed codes, scales and zeros (no bias)."""
+        n = self.weight_packed.nbytes + self.weight_scale.nbytes
+        return n + (0 if self.weight_zero is None else self.weight_zero.nbytes)
+
+    def bits_per_weight(self) -> float:
+        return 8 * self.storage_nbytes() / (self.rows * self.cols)
+
+    def _apply(self, fn, recurse=True):
+        # model.half() / .to(bfloat16) would round the stored scales again (lossy for float16 -> bfloat16):
+        # device moves apply, dtype conversions do not touch the quantized storage.
+        scale_dtype = self.weight_scale.dtype
+        old_scale = self.weight_scale
+        super()._apply(fn, recurse)
+        if self.weight_scale.dtype != scale_dtype:
+            self.weight_scale = old_scale.to(device=self.weight_scale.device)
+        return self
+
+    def _spec(self) -> str:
+        g = "channel" if self.group_size is None else f"g{self.group_size}"
+        return f"bits={self.bits}, {g}, {'sym' if self.sym else 'asym'}"
+
+
+class QuantizedLinear(_PackedRows):
+    """A Linear whose weight is stored packed (see the module docstring); forward == F.linear on the
+    dequantized weight."""
+
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int | None = None,
+                 sym: bool = False, bias: bool = True, scale_dtype: torch.dtype = torch.float16, device=None):
+        super().__init__(out_features, in_features, bits, group_size, sym, scale_dtype, device)
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        if bias:
+            self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float32, device=device))
+        else:
+            self.register_buffer("bias", None)
+
+    @classmethod
+    def from_weight(cls, qw: QuantizedWeight, bias: torch.Tensor | None = None,
+                    scale_dtype: torch.dtype = torch.float16) -> "QuantizedLinear":
+        out_f, in_f = qw.shape
+        m = cls(in_f, out_f, qw.grid.bits, qw.grid.group_size, cls._storage_sym(qw), bias is not None,
+                scale_dtype, device=qw.codes.device)
+        m._fill(qw)
+        if bias is not None:
+            if tuple(bias.shape) != (out_f,):
+                raise QuantConfigError(f"bias of shape {tuple(bias.shape)} for {out_f} outputs")
+            m.bias = bias.detach().to(torch.float32).clone()
+        return m
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, qw: QuantizedWeight,
+                    scale_dtype: torch.dtype = torch.float16) -> "QuantizedLinear":
+        if tuple(qw.shape) != (linear.out_features, linear.in_features):
+            raise QuantConfigError(f"quantized weight {qw.shape} does not fit {linear}")
+        return cls.from_weight(qw, linear.bias, scale_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._matmul(x, self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, {self._spec()}, "
+                f"bias={self.bias is not None}")
+
+
+class QuantizedEmbedding(_PackedRows):
+    """A token embedding stored packed; a lookup dequantizes only the rows it reads."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, bits: int = 8, group_size: int | None = None,
+                 sym: bool = True, padding_idx: int | None = None, scale_dtype: torch.dtype = torch.float16,
+                 device=None, dtype: torch.dtype = torch.float32):
+        super().__init__(num_embeddings, embedding_dim, bits, group_size, sym, scale_dtype, device)
+        self.num_embeddings, self.embedding_dim = int(num_embeddings), int(embedding_dim)
+        self.padding_idx = padding_idx
+        self.output_dtype = dtype  # follows model.half()/.float()/.to(dtype), see _apply
+
+    @classmethod
+    def from_weight(cls, qw: QuantizedWeight, padding_idx: int | None = None,
+                    scale_dtype: torch.dtype = torch.float16, dtype: torch.dtype = torch.float32):
+        v, d = qw.shape
+        m = cls(v, d, qw.grid.bits, qw.grid.group_size, cls._storage_sym(qw), padding_idx, scale_dtype,
+                device=qw.codes.device, dtype=dtype)
+        m._fill(qw)
+        return m
+
+    @classmethod
+    def from_embedding(cls, emb: nn.Embedding, qw: QuantizedWeight, scale_dtype: torch.dtype = torch.float16):
+        if tuple(qw.shape) != tuple(emb.weight.shape):
+            raise QuantConfigError(f"quantized weight {qw.shape} does not fit {emb}")
+        return cls.from_weight(qw, emb.padding_idx, scale_dtype, dtype=emb.weight.dtype)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        flat = input_ids.reshape(-1)
+        z = None if self.weight_zero is None else self.weight_zero.index_select(0, flat)
+        rows = self._dequantize(self.weight_packed.index_select(0, flat), self.weight_scale.index_select(0, flat),
+                                z, self.output_dtype)
+        return rows.reshape(*input_ids.shape, self.cols)
+
+    def _apply(self, fn, recurse=True):
+        probe = fn(torch.zeros((), dtype=self.output_dtype))
+        super()._apply(fn, recurse)
+        if probe.is_floating_point():
+            self.output_dtype = probe.dtype
+        return self
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, {self._spec()}, padding_idx={self.padding_idx}"
+
+
+class TiedQuantizedHead(nn.Module):
+    """Output projection (logits = x @ E.T, no bias) sharing a QuantizedEmbedding's packed rows.
+
+    The embedding is held outside the module tree on purpose: this module has no parameters or buffers of
+    its own, so state_dict, named_buffers and memory accounting see one copy only."""
+
+    def __init__(self, embedding: QuantizedEmbedding):
+        super().__init__()
+        if not isinstance(embedding, QuantizedEmbedding):
+            raise TypeError(f"TiedQuantizedHead needs a QuantizedEmbedding, got {type(embedding).__name__}")
+        self._tied = (embedding,)  # a tuple: not registered as a submodule
+
+    @property
+    def embedding(self) -> QuantizedEmbedding:
+        return self._tied[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.embedding.embedding_dim
+
+    @property
+    def out_features(self) -> int:
+        return self.embedding.num_embeddings
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.embedding._matmul(x, None)
+
+    def extra_repr(self) -> str:
+        return f"tied to QuantizedEmbedding({self.out_features}, {self.in_features}, {self.embedding._spec()})"
+
+
+QUANTIZED_TYPES = (QuantizedLinear, QuantizedEmbedding, TiedQuantizedHead)
+
+
+def replace_module(model: nn.Module, dotted_name: str, new_module: nn.Module) -> nn.Module:
+    """Put `new_module` at `dotted_name` (e.g. "model.decoder.layers.0.fc1"); returns the module it replaces."""
+    parent_name, _, child = dotted_name.rpartition(".")
+    try:
+        parent = model.get_submodule(parent_name) if parent_name else model
+    except AttributeError as e:
+        raise KeyError(f"no module {parent_name!r} in {type(model).__name__}") from e
+    if child not in parent._modules:
+        raise KeyError(f"no module {dotted_name!r} in {type(model).__name__}")
+    old = parent._modules[child]
+    setattr(parent, child, new_module)
+    return old
+
+
+def module_name(model: nn.Module, module: nn.Module) -> str:
+    for name, m in model.named_modules(remove_duplicate=False):
+        if m is module:
+            return name
+    raise KeyError(f"{type(module).__name__} is not a submodule of {type(model).__name__}")
+
+
+def tied_embedding_names(model: nn.Module) -> tuple[str, str] | None:
+    """(embedding, head) module names of a transformers model whose output projection shares the input
+    embedding's weight, else None."""
+    get_in, get_out = getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)
+    if get_in is None or get_out is None:
+        return None
+    emb, head = get_in(), get_out()
+    if emb is None or head is None:
+        return None
+    if isinstance(head, TiedQuantizedHead):
+        return module_name(model, head.embedding), module_name(model, head)
+    w_in, w_out = getattr(emb, "weight", None), getattr(head, "weight", None)
+    if w_in is None or w_out is None or w_in is not w_out:
+        return None
+    return module_name(model, emb), module_name(model, head)
+
+
+def replace_tied_embedding(model: nn.Module, qw: QuantizedWeight,
+                           scale_dtype: torch.dtype = torch.float16) -> QuantizedEmbedding:
+    """Swap a tied input embedding + output projection (Whisper's embed_tokens / proj_out) for one
+    QuantizedEmbedding and a TiedQuantizedHead sharing it.
+
+    The in-memory config's `tie_word_embeddings` is then set False: the tie is now held by the modules, and a
+    later `model.tie_weights()` (transformers calls it from resize/loading helpers) must not look for the
+    `.weight` parameters that no longer exist. `quasr.checkpoint.save` writes the original value."""
+    names = tied_embedding_names(model)
+    if names is None:
+        raise QuantConfigError(f"{type(model).__name__}: its output projection is not tied to its input embedding")
+    emb_name, head_name = names
+    emb = model.get_submodule(emb_name)
+    if isinstance(emb, QuantizedEmbedding):
+        raise QuantConfigError(f"{emb_name} is already quantized")
+    qemb = QuantizedEmbedding.from_embedding(emb, qw, scale_dtype)
+    replace_module(model, emb_name, qemb)
+    replace_module(model, head_name, TiedQuantizedHead(qemb))
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "tie_word_embeddings", False):
+        config.tie_word_embeddings = False
+    return qemb
+
+
+def quantized_modules(model: nn.Module):
+    """(name, module) of every QuantizedLinear, QuantizedEmbedding and TiedQuantizedHead, in module order."""
+    for name, m in model.named_modules():
+        if isinstance(m, QUANTIZED_TYPES):
+            yield name, m
