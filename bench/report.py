@@ -1,0 +1,71 @@
+"""Markdown tables for the README from the committed results files (no model runs).
+
+    python bench/report.py                     # baseline and ptq tables
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def fmt(x, nd=2):
+    return "-" if x is None else (f"{x:.{nd}f}" if isinstance(x, float) else str(x))
+
+
+def md(rows: list[list], header: list[str]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(fmt(c) for c in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def baseline(path: Path) -> str:
+    d = json.loads(path.read_text())
+    recs = d["records"]
+    sets = [r for r in recs if r["speaker"] is None]
+    rows = [[r["model"], r["data"], r["n_utts"], r["n_words"], r["wer"], r["n_rare_words"], r["rare_wer"],
+             r["sec_per_utt"]] for r in sets]
+    out = [f"`{d['command']}` (normalizer: {d['normalizer']}, torch threads: {d['machine'].get('torch_threads')})", "",
+           md(rows, ["model", "set", "utts", "words", "WER %", "rare words", "rare-WER %", "s/utt"])]
+    spk = [r for r in recs if r["speaker"] is not None and r["data"].startswith("tts")]
+    if spk:
+        models = sorted({r["model"] for r in spk})
+        speakers = list(dict.fromkeys(r["speaker"] for r in spk))
+        by = {(r["model"], r["speaker"]): r for r in spk}
+        rows = [[s] + [by[(m, s)]["wer"] if (m, s) in by else None for m in models] for s in speakers]
+        out += ["", "Per speaker on tts:test (WER %):", "", md(rows, ["voice"] + models)]
+    return "\n".join(out)
+
+
+def ptq(path: Path) -> str:
+    d = json.loads(path.read_text())
+    recs = [r for r in d["records"] if r["speaker"] is None]
+    fp = {(r["model"], r["data"]): r for r in recs if r["method"] == "fp"}
+    rows = []
+    for r in recs:
+        base = fp.get((r["model"], r["data"]))
+        speed = base["sec_per_utt"] / r["sec_per_utt"] if base and r.get("sec_per_utt") else None
+        label = r["method"] + (f" α={r['alpha']}" if r.get("alpha") is not None else "")
+        rows.append([r["model"], label, r["bits"] and f"W{r['bits']}G{r['group_size']}",
+                     r.get("embedding_bits"), r.get("encoder_frames"), r["data"], r["n_utts"], r["wer"],
+                     r["rare_wer"], r.get("quant_seconds"), r.get("peak_rss_mb"), r.get("size_mb"),
+                     r.get("bits_per_weight"), speed])
+    return "\n".join([f"`{d['command']}` (normalizer: {d['normalizer']})", "", md(rows, [
+        "model", "method", "weights", "emb bits", "calib frames", "set", "utts", "WER %", "rare-WER %",
+        "quant s", "peak RSS MB", "ckpt MB", "bits/weight", "speed vs fp"])])
+
+
+def main() -> None:
+    names = sys.argv[1:] or ["baseline", "ptq"]
+    for name in names:
+        path = RESULTS / f"{name}.json"
+        if path.exists():
+            print(f"### {name}\n")
+            print(baseline(path) if name.startswith("baseline") else ptq(path))
+            print()
+
+
+if __name__ == "__main__":
+    main()
