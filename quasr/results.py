@@ -93,8 +93,21 @@ class ResultsFile:
         return any(self.key(r) == k for r in self.records)
 
     def add(self, *recs: dict) -> None:
-        for rec in recs:
-            k = self.key(rec)
-            self.data["records"] = [r for r in self.records if self.key(r) != k] + [rec]
-        self.data["created"] = now()
-        write_json(self.path, self.data)
+        """Append records (replacing any with the same cell key) and rewrite the file atomically.
+
+        The file is re-read under an exclusive lock first, so several processes may fill parts of one grid."""
+        import fcntl
+
+        lock = self.path.with_name(f".{self.path.name}.lock")
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        with open(lock, "w") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            if self.path.exists():
+                on_disk = json.loads(self.path.read_text()).get("records", [])
+                mine = {self.key(r) for r in self.records}
+                self.data["records"] = self.records + [r for r in on_disk if self.key(r) not in mine]
+            for rec in recs:
+                k = self.key(rec)
+                self.data["records"] = [r for r in self.records if self.key(r) != k] + [rec]
+            self.data["created"] = now()
+            write_json(self.path, self.data)

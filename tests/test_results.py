@@ -1,0 +1,42 @@
+"""Results files: standard keys, resumable cells, several writers, atomic writes."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from quasr.results import RECORD_KEYS, ResultsFile, record, write_json
+
+
+def test_cells_are_resumable_and_option_keys_tell_them_apart(tmp_path):
+    path = tmp_path / "r.json"
+    res = ResultsFile(path, "ptq", command="python bench/ptq.py", option_keys=("alpha",))
+    res.add(record(model="m", method="qep", bits=4, data="asterisk:test", alpha=0.5, wer=9.0))
+    assert res.done(record(model="m", method="qep", bits=4, data="asterisk:test", alpha=0.5))
+    assert not res.done(record(model="m", method="qep", bits=4, data="asterisk:test", alpha=1.0))
+    again = ResultsFile(path, "ptq", option_keys=("alpha",))  # a rerun sees what was measured
+    assert again.done(record(model="m", method="qep", bits=4, data="asterisk:test", alpha=0.5))
+    saved = json.loads(path.read_text())
+    assert saved["normalizer"] == "whisper-english" and saved["command"] == "python bench/ptq.py"
+    assert set(RECORD_KEYS) <= set(saved["records"][0])
+    with pytest.raises(ValueError, match="holds benchmark 'ptq'"):
+        ResultsFile(path, "baseline")
+
+
+def test_two_writers_keep_each_others_records(tmp_path):
+    path = tmp_path / "r.json"
+    a, b = ResultsFile(path, "x"), ResultsFile(path, "x")
+    a.add(record(model="m", data="one", wer=1.0))
+    b.add(record(model="m", data="two", wer=2.0))
+    a.add(record(model="m", data="one", wer=3.0))  # same cell: replaced, not duplicated
+    got = {r["data"]: r["wer"] for r in json.loads(path.read_text())["records"]}
+    assert got == {"one": 3.0, "two": 2.0}
+
+
+def test_failed_write_leaves_the_old_file(tmp_path):
+    path = tmp_path / "r.json"
+    write_json(path, {"a": 1})
+    with pytest.raises(TypeError):
+        write_json(path, {"a": object()})
+    assert json.loads(path.read_text()) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
