@@ -175,3 +175,18 @@ def test_cli_errors_are_clear(tmp_path):
     assert not (tmp_path / "x").exists()
     r = runner.invoke(app, ["eval", "--model", "no-such-model", "--data", "asterisk:test", "--limit", "1"])
     assert r.exit_code == 2 and "unknown model" in r.output
+
+
+def test_cli_compare_scores_both_models_on_the_same_speech(tmp_path, asterisk_files):
+    from typer.testing import CliRunner
+
+    from quasr.cli import app
+
+    out = tmp_path / "cmp.json"
+    r = CliRunner().invoke(app, ["compare", "--method", "rtn", "--bits", "4", "--limit", "3", "--out", str(out),
+                                 "--no-progress"])
+    assert r.exit_code == 0, r.output
+    recs = [x for x in json.loads(out.read_text())["records"] if x["speaker"] is None]
+    assert [x["method"] for x in recs] == ["fp", "rtn"]
+    assert all(x["n_utts"] == 3 and x["data"] == "asterisk:test" for x in recs)
+    assert recs[1]["bits"] == 4 and recs[1]["calib"] is None
