@@ -29,7 +29,6 @@ import os
 import shutil
 import struct
 import tempfile
-import uuid
 from pathlib import Path
 
 import torch
@@ -217,7 +216,7 @@ def save(asr, out_dir: str | Path, recipe: dict | None = None, *, fp_dtype: torc
     that are not quantized (loaded back into float32); float32 by default."""
     from safetensors.torch import save_file
 
-    from quasr.results import now
+    from quasr.results import now, replace_dir
 
     if fp_dtype not in _DTYPES.values():
         raise CheckpointError(f"fp_dtype must be one of {', '.join(_DTYPES)}, got {fp_dtype}")
@@ -264,17 +263,7 @@ def save(asr, out_dir: str | Path, recipe: dict | None = None, *, fp_dtype: torc
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
         _fsync_tree(tmp)
-        if out_dir.exists():
-            old = parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(out_dir, old)
-            try:
-                os.rename(tmp, out_dir)
-            except BaseException:
-                os.rename(old, out_dir)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out_dir)
+        replace_dir(tmp, out_dir)
         _fsync_dir(parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -36,6 +35,7 @@ from pathlib import Path
 import torch
 
 from quasr.errors import QuasrError
+from quasr.results import replace_dir
 from quasr.quant.modules import QuantizedEmbedding, QuantizedLinear, TiedQuantizedHead, quantized_modules
 from quasr.quant.pack import pack_stream, unpack, unpack_stream
 
@@ -169,17 +169,7 @@ def export_compressed_tensors(path_or_asr, out_dir: str | Path, embedding: str =
             model.generation_config.save_pretrained(tmp)
         asr.processor.save_pretrained(tmp)
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
-        if out_dir.exists():
-            old = parent / f".{out_dir.name}.old-{os.getpid()}"
-            os.rename(out_dir, old)
-            try:
-                os.rename(tmp, out_dir)
-            except BaseException:
-                os.rename(old, out_dir)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -33,6 +33,26 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         raise
 
 
+def replace_dir(tmp: str | Path, out_dir: str | Path) -> None:
+    """Move a completed directory `tmp` to `out_dir` (same filesystem). An existing `out_dir` is set aside
+    first and put back if the move fails, then removed: readers see the old or the new one, never a mix."""
+    import shutil
+    import uuid
+
+    tmp, out_dir = Path(tmp), Path(out_dir)
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}")
+        os.rename(out_dir, old)
+        try:
+            os.rename(tmp, out_dir)
+        except BaseException:
+            os.rename(old, out_dir)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, out_dir)
+
+
 def write_json(path: str | Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
 

@@ -1,7 +1,6 @@
 """Shared fixtures: real bundled models and real asterisk speech, loaded once per session."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest

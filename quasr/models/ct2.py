@@ -180,6 +180,8 @@ def convert_ct2_whisper(src: str | Path, out_dir: str | Path, model_bin: str | P
     import shutil
     import tempfile
 
+    from quasr.results import replace_dir
+
     from tokenizers import AddedToken
     from transformers import (GenerationConfig, WhisperConfig, WhisperFeatureExtractor,
                               WhisperForConditionalGeneration, WhisperProcessor, WhisperTokenizer)
@@ -238,9 +240,7 @@ def convert_ct2_whisper(src: str | Path, out_dir: str | Path, model_bin: str | P
         model.to(torch.float16).save_pretrained(tmp)
         processor.save_pretrained(tmp)
         (tmp / "quasr_source.json").write_text(json.dumps({"converted_from": str(src), "format": "ctranslate2"}))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
+        replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
