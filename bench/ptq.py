@@ -13,7 +13,6 @@ tts:test limited to 96 (12 per voice), spread evenly, so one evaluation of tiny.
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import time
