@@ -26,7 +26,9 @@ def dataset(spec: str, limit: int | None) -> Dataset:
 
 
 def transcripts_path(results: ResultsFile, recipe: dict, data: str) -> Path:
-    parts = [str(recipe.get(k)) for k in ("model", "method", "bits", "group_size", "seed") if recipe.get(k) is not None]
+    """One file per cell, named by every key of the cell that is set (options such as alpha included)."""
+    parts = [f"{k}={recipe[k]}" if k not in ("model", "method") else str(recipe[k])
+             for k in results.keys if recipe.get(k) is not None and k not in ("data", "speaker")]
     name = "-".join(parts + [data]).replace("/", "_").replace(":", "_")
     return results.path.parent / "transcripts" / f"{results.path.stem}-{name}.jsonl"
 
