@@ -127,6 +127,8 @@ def quantize_cmd(
     embedding_bits: int = typer.Option(8, help="Bits of the tied token embedding / output head, per row; 0 keeps FP32"),
     layers: str = typer.Option("all", help="all | encoder | decoder"),
     encoder_frames: str = typer.Option("window", help="window (30 s, as at inference) | speech (cut after the audio)"),
+    pad_stride: int = typer.Option(4, help="Window mode: statistics from every k-th padding frame, weighted by k "
+                                           "(1 = every frame, exact but slower)"),
     calib: list[str] = typer.Option(["asterisk:calib", "tts:calib"], "--calib", help="Calibration source (repeatable)"),
     n_calib: int = typer.Option(128, help="Calibration utterances, sampled from the sources with --seed"),
     seed: int = typer.Option(0, help="Seed of the calibration sample"),
@@ -146,7 +148,7 @@ def quantize_cmd(
         quiet_transformers()
         cfg = QuantConfig(method=method, bits=bits, group_size=group_size or None, sym=sym, mse=mse,
                           act_order=act_order, alpha=alpha, embedding_bits=embedding_bits or None, layers=layers,
-                          encoder_frames=encoder_frames)
+                          encoder_frames=encoder_frames, pad_stride=pad_stride)
         cfg.grid()
         m = get_method(method)
         utts = _calibration(calib, n_calib, seed, skip_bad) if m.needs_calibration else []
@@ -175,6 +177,7 @@ def compare_cmd(
     alpha: Optional[float] = typer.Option(None, help="QEP/GPTAQ strength"),
     embedding_bits: int = typer.Option(8, help="Bits of the tied token embedding / output head; 0 keeps FP32"),
     encoder_frames: str = typer.Option("window", help="window | speech (see quasr quantize --help)"),
+    pad_stride: int = typer.Option(4, help="Window mode: every k-th padding frame, weight k (see quasr quantize --help)"),
     calib: list[str] = typer.Option(["asterisk:calib", "tts:calib"], "--calib", help="Calibration source (repeatable)"),
     n_calib: int = typer.Option(128, help="Calibration utterances"),
     seed: int = typer.Option(0, help="Seed of the calibration sample"),
@@ -202,7 +205,8 @@ def compare_cmd(
 
         quiet_transformers()
         cfg = QuantConfig(method=method, bits=bits, group_size=group_size or None, alpha=alpha,
-                          embedding_bits=embedding_bits or None, encoder_frames=encoder_frames)
+                          embedding_bits=embedding_bits or None, encoder_frames=encoder_frames,
+                          pad_stride=pad_stride)
         cfg.grid()
         utts = _calibration(calib, n_calib, seed, False) if get_method(method).needs_calibration else []
         sets = _load_sets(data, limit, False)
@@ -234,7 +238,9 @@ def compare_cmd(
         if out:
             recipe = dict(model=asr.name, method=method, bits=bits, group_size=group_size or None,
                           calib="+".join(calib) if utts else None, n_calib=len(utts) or None,
-                          seed=seed if utts else None)
+                          seed=seed if utts else None, alpha=asr.recipe.get("alpha"),
+                          embedding_bits=cfg.embedding_bits, encoder_frames=encoder_frames if utts else None,
+                          pad_stride=pad_stride if utts and encoder_frames == "window" else None)
             write_json(out, {"benchmark": "compare", "created": now(), "command": command_line(),
                              "normalizer": NORMALIZER, "machine": machine_info(),
                              "records": to_records(fp, model=asr.name, method="fp") + to_records(q, **recipe)})

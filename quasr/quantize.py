@@ -14,9 +14,11 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 import torch
 
+from quasr.memory import fixed_mmap_threshold
 from quasr.methods import LayerStats, get_method
 from quasr.quant.grid import QuantConfigError, QuantGrid, QuantizedWeight, check_finite, rtn
 from quasr.progress import progress_bar
@@ -33,6 +35,19 @@ class Block:
 
 
 @dataclass
+class Stage:
+    """One part of a block's forward, cut at a Linear group (an adapter's explicit block walk).
+
+    `inputs(module, state)` is the input shared by the group's Linears; `advance(module, state)` is the state
+    after the group (None: unchanged), computed once the group is quantized. States are tuples of tensors.
+    """
+    names: list[str]
+    inputs: Callable
+    advance: Callable | None
+    frames: bool = False      # the input's rows are encoder frames (an adapter may subsample padding frames)
+
+
+@dataclass
 class QuantConfig:
     method: str = "gptq"
     bits: int = 4
@@ -46,6 +61,7 @@ class QuantConfig:
     layers: str = "all"                  # all | encoder | decoder
     true_sequential: bool = True
     encoder_frames: str = "window"       # window (full 30 s, as at inference) | speech (cut after the audio)
+    pad_stride: int = 4                  # window mode: statistics from every k-th frame after the speech, weight k
 
     def grid(self) -> QuantGrid:
         return QuantGrid(self.bits, self.group_size, self.sym, self.mse)
@@ -81,15 +97,31 @@ def _asym_err(W: torch.Tensor, W_hat: torch.Tensor, s: LayerStats) -> float:
     return float(num / ((W @ s.XX) * W).sum().clamp(min=1e-12))
 
 
+def _new_stats(linears: dict, need_fp: bool) -> dict[str, LayerStats]:
+    stats = {n: LayerStats(torch.zeros(m.in_features, m.in_features)) for n, m in linears.items()}
+    if need_fp:
+        for n, m in linears.items():
+            stats[n].H_delta = torch.zeros(m.in_features, m.in_features)
+            stats[n].XX = torch.zeros(m.in_features, m.in_features)
+    return stats
+
+
+def _accumulate(name: str, s: LayerStats, xh: torch.Tensor, x: torch.Tensor | None, extra_hook, item) -> None:
+    """Add one utterance's inputs of one Linear (rows are positions) to its statistics."""
+    s.H.addmm_(xh.T, xh)
+    s.n += xh.shape[0]
+    if x is not None:
+        s.H_delta.addmm_((x - xh).T, xh)
+        s.XX.addmm_(x.T, x)
+    if extra_hook is not None:
+        extra_hook(name, s, xh, item)
+
+
 def _collect(cal, block: Block, fp_block, names: list[str], items, hq, hf, ctx_q, ctx_f, need_fp: bool,
              extra_hook=None) -> dict[str, LayerStats]:
     """Run the group's part of the block on every calibration item, accumulating each Linear's statistics."""
     lin_q = {n: block.module.get_submodule(n) for n in names}
-    stats = {n: LayerStats(torch.zeros(m.in_features, m.in_features)) for n, m in lin_q.items()}
-    if need_fp:
-        for n, m in lin_q.items():
-            stats[n].H_delta = torch.zeros(m.in_features, m.in_features)
-            stats[n].XX = torch.zeros(m.in_features, m.in_features)
+    stats = _new_stats(lin_q, need_fp)
     fp_inputs: dict[str, torch.Tensor] = {}
     seen: set[str] = set()
     current: dict = {}
@@ -105,15 +137,7 @@ def _collect(cal, block: Block, fp_block, names: list[str], items, hq, hf, ctx_q
     def q_hook(name):
         def hook(mod, inp, out):
             xh = inp[0].detach().reshape(-1, mod.in_features).float()
-            s = stats[name]
-            s.H.addmm_(xh.T, xh)
-            s.n += xh.shape[0]
-            if need_fp:
-                x = fp_inputs[name]
-                s.H_delta.addmm_((x - xh).T, xh)
-                s.XX.addmm_(x.T, x)
-            if extra_hook is not None:
-                extra_hook(name, s, xh, current["item"])
+            _accumulate(name, stats[name], xh, fp_inputs.get(name), extra_hook, current["item"])
             seen.add(name)
             if len(seen) == len(names):
                 raise _Stop
@@ -161,11 +185,12 @@ def quantize_(asr, cfg: QuantConfig, calib=(), progress: bool = True, on_layer=N
     Quantized layers end up as packed low-bit modules; `asr.recipe` records the configuration.
     """
     t0 = time.perf_counter()
+    fixed_mmap_threshold()
     method = get_method(cfg.method)
     if cfg.layers not in ("all", "encoder", "decoder"):
         raise QuantConfigError(f"layers must be all, encoder or decoder, got {cfg.layers!r}")
     grid = cfg.grid()
-    cal = asr.calibration(cfg.encoder_frames)
+    cal = asr.calibration(cfg.encoder_frames, cfg.pad_stride)
     blocks = [b for b in cal.blocks if cfg.layers in ("all", b.stage)]
     _check_layers(asr, blocks, grid)
     calib = list(calib)
@@ -251,19 +276,17 @@ def _walk(asr, cal, blocks, calib, method, cfg, fp_embed, quantized, report, bar
     items = cal.prepare(calib)
     stage = None
     hq = hf = ctx_q = ctx_f = None
-    with torch.inference_mode():
-        enc_in = [cal.encoder_input(it) for it in items]
     for block in blocks:
         with torch.inference_mode():
             if block.stage != stage:
                 if block.stage == "encoder":
-                    hq = enc_in
-                    hf = list(enc_in) if need_fp else None
+                    hq = [cal.encoder_input(it) for it in items]
+                    hf = list(hq) if need_fp else None
                     ctx_q = ctx_f = [None] * len(items)
                 else:
                     if stage is None:  # decoder only: the encoder stays full precision
                         enc = asr.model.model.encoder
-                        hq = enc_in
+                        hq = [cal.encoder_input(it) for it in items]
                         for layer in enc.layers:
                             hq = [layer(h, None) for h in hq]
                         hf = hq
@@ -273,6 +296,11 @@ def _walk(asr, cal, blocks, calib, method, cfg, fp_embed, quantized, report, bar
                     hf = [cal.decoder_input(it, fp_embed) for it in items] if need_fp else None
                 stage = block.stage
         fp_block = copy.deepcopy(block.module) if need_fp else None
+        stages = cal.stages(block) if cfg.true_sequential and hasattr(cal, "stages") else None
+        if stages:
+            hq, hf = _walk_stages(cal, block, fp_block, stages, items, hq, hf, ctx_q, ctx_f, method, cfg, quantized, report, bar, task,
+                                  on_layer)
+            continue
         groups = block.groups if cfg.true_sequential else [sum(block.groups, [])]
         for group in groups:
             bar.update(task, description=f"{cfg.method} {block.name}.{group[0].split('.')[0]}")
@@ -286,3 +314,45 @@ def _walk(asr, cal, blocks, calib, method, cfg, fp_embed, quantized, report, bar
             hq = [cal.run_block(block, block.module, h, c) for h, c in zip(hq, ctx_q)]
             if need_fp:
                 hf = [cal.run_block(block, fp_block, h, c) for h, c in zip(hf, ctx_f)]
+
+
+def _walk_stages(cal, block, fp_block, stages, items, hq, hf, ctx_q, ctx_f, method, cfg, quantized, report, bar, task, on_layer):
+    """Sequential calibration of one block through its adapter's stages: each part of the forward runs once per
+    stream (instead of re-running the block up to every group), keeping only the per-utterance stage state."""
+    need_fp = fp_block is not None
+    extra_hook = getattr(method, "extra_hook", None)
+    sq = [(h,) if c is None else (h, c) for h, c in zip(hq, ctx_q)]
+    sf = [(h,) if c is None else (h, c) for h, c in zip(hf, ctx_f)] if need_fp else None
+    hq.clear()  # the states own the block inputs now: each is freed once its stage has moved past it
+    if need_fp:
+        hf.clear()
+    for st in stages:
+        bar.update(task, description=f"{cfg.method} {block.name}.{st.names[0].split('.')[0]}")
+        stats = _new_stats({n: block.module.get_submodule(n) for n in st.names}, need_fp)
+        with torch.inference_mode():
+            for i, item in enumerate(items):
+                xh = st.inputs(block.module, sq[i])
+                xh = xh.reshape(-1, xh.shape[-1]).float()
+                x = st.inputs(fp_block, sf[i]).reshape(xh.shape).float() if need_fp else None
+                rows = cal.frame_rows(item) if st.frames else None
+                if rows is not None:  # weighted subsample: Σ w·x x̂ᵀ over the kept rows, w = rows each stands for
+                    idx, sw = rows
+                    xh = xh[idx] * sw[:, None]
+                    x = x[idx] * sw[:, None] if x is not None else None
+                # the group's Linears share one input: accumulate once unless a method hooks per layer
+                for n in (st.names if extra_hook else st.names[:1]):
+                    _accumulate(n, stats[n], xh, x, extra_hook, item)
+        if not extra_hook:
+            for n in st.names[1:]:
+                stats[n] = copy.deepcopy(stats[st.names[0]])
+        for n in st.names:
+            _solve_layer(block, n, stats[n], method, cfg, quantized, report, on_layer)
+            bar.advance(task)
+        del stats
+        if st.advance is not None:
+            with torch.inference_mode():
+                for i in range(len(items)):
+                    sq[i] = st.advance(block.module, sq[i])
+                    if need_fp:
+                        sf[i] = st.advance(fp_block, sf[i])
+    return [s[0] for s in sq], ([s[0] for s in sf] if need_fp else None)

@@ -94,7 +94,10 @@ class ResultsFile:
         self.keys = RECORD_KEYS + tuple(option_keys)
         self.data = {"benchmark": benchmark, "created": now(), "command": command or command_line(),
                      "normalizer": NORMALIZER, "machine": machine_info(), "records": []}
-        if self.path.exists() and not fresh:
+        if self.path.exists() and fresh:
+            # start over: the previous file is kept aside (add() merges whatever is on disk at self.path)
+            self.path.replace(self.path.with_name(f".{self.path.name}.prev"))
+        elif self.path.exists():
             old = json.loads(self.path.read_text())
             if old.get("benchmark") != benchmark:
                 raise ValueError(f"{self.path}: holds benchmark {old.get('benchmark')!r}, not {benchmark!r}")

@@ -40,3 +40,13 @@ def test_failed_write_leaves_the_old_file(tmp_path):
         write_json(path, {"a": object()})
     assert json.loads(path.read_text()) == {"a": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
+
+
+def test_fresh_starts_over_and_keeps_the_old_file_aside(tmp_path):
+    path = tmp_path / "r.json"
+    ResultsFile(path, "x").add(record(model="m", method="rtn", bits=4, data="a", wer=1.0))
+    fresh = ResultsFile(path, "x", fresh=True)
+    assert not fresh.done(record(model="m", method="rtn", bits=4, data="a"))
+    fresh.add(record(model="m", method="gptq", bits=4, data="a", wer=2.0))
+    assert [r["method"] for r in json.loads(path.read_text())["records"]] == ["gptq"]  # the old cell is not merged back
+    assert json.loads((tmp_path / ".r.json.prev").read_text())["records"][0]["method"] == "rtn"

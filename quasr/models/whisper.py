@@ -31,9 +31,9 @@ class WhisperAsr(AsrModel):
         processor = WhisperProcessor.from_pretrained(path_or_id, **kwargs)
         return cls(model, processor, spec=spec or str(path_or_id), name=name)
 
-    def calibration(self, encoder_frames: str = "speech") -> "WhisperCalibration":
+    def calibration(self, encoder_frames: str = "window", pad_stride: int = 1) -> "WhisperCalibration":
         """What the layer-wise quantization engine needs to walk this model block by block."""
-        return WhisperCalibration(self, encoder_frames)
+        return WhisperCalibration(self, encoder_frames, pad_stride)
 
     @property
     def multilingual(self) -> bool:
@@ -93,6 +93,71 @@ DECODER_GROUPS = [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], 
 SPEECH_MARGIN_FRAMES = 50  # encoder frames (1 s) kept after the end of the audio in "speech" mode
 
 
+def _attention_core(attn, x: torch.Tensor, kv: torch.Tensor, causal: bool = False) -> torch.Tensor:
+    """WhisperAttention up to (not including) out_proj, as transformers computes it for one unpadded sequence:
+    queries from x, keys and values from kv (x itself, or the encoder output for cross-attention)."""
+    def heads(t):
+        return t.view(*t.shape[:-1], attn.num_heads, attn.head_dim).transpose(1, 2)
+
+    q = heads(attn.q_proj(x) * attn.scaling)
+    o = torch.nn.functional.scaled_dot_product_attention(q, heads(attn.k_proj(kv)), heads(attn.v_proj(kv)),
+                                                         is_causal=causal, scale=1.0)
+    return o.transpose(1, 2).reshape(*x.shape[:-1], -1)
+
+
+def encoder_layer_stages():
+    """`WhisperEncoderLayer.forward` cut at its Linear groups, so that sequential calibration runs each part once.
+
+    The state between stages is what the rest of the layer needs: (h,) → (h, attention core) → (h₂,) →
+    (h₂, FFN hidden) → (output,). Stage i gives the shared input of ENCODER_GROUPS[i] and, once that group is quantized, the next
+    state. Composing the advances equals the module's forward (checked in tests/test_quantize.py).
+    """
+    from quasr.quantize import Stage
+
+    def ffn_hidden(m, s):
+        return m.activation_fn(m.fc1(m.final_layer_norm(s[0])))
+
+    def attend(m, s):
+        x = m.self_attn_layer_norm(s[0])
+        return (s[0], _attention_core(m.self_attn, x, x))
+
+    return [
+        Stage(ENCODER_GROUPS[0], lambda m, s: m.self_attn_layer_norm(s[0]), attend, frames=True),
+        Stage(ENCODER_GROUPS[1], lambda m, s: s[1], lambda m, s: (s[0] + m.self_attn.out_proj(s[1]),), frames=True),
+        Stage(ENCODER_GROUPS[2], lambda m, s: m.final_layer_norm(s[0]), lambda m, s: (s[0], ffn_hidden(m, s)),
+              frames=True),
+        Stage(ENCODER_GROUPS[3], lambda m, s: s[1], lambda m, s: (s[0] + m.fc2(s[1]),), frames=True),
+    ]
+
+
+def decoder_layer_stages():
+    """`WhisperDecoderLayer.forward` (teacher-forced, causal self-attention, no cache) cut at DECODER_GROUPS.
+
+    States carry the encoder output: (h, ctx) → (h, ctx, self-attention core) → (h₂, ctx) → ... → (output, ctx).
+    """
+    from quasr.quantize import Stage
+
+    def self_attend(m, s):
+        x = m.self_attn_layer_norm(s[0])
+        return (s[0], s[1], _attention_core(m.self_attn, x, x, causal=True))
+
+    def cross_attend(m, s):
+        return (s[0], s[1], _attention_core(m.encoder_attn, m.encoder_attn_layer_norm(s[0]), s[1]))
+
+    def ffn_hidden(m, s):
+        return m.activation_fn(m.fc1(m.final_layer_norm(s[0])))
+
+    return [
+        Stage(DECODER_GROUPS[0], lambda m, s: m.self_attn_layer_norm(s[0]), self_attend),
+        Stage(DECODER_GROUPS[1], lambda m, s: s[2], lambda m, s: (s[0] + m.self_attn.out_proj(s[2]), s[1])),
+        Stage(DECODER_GROUPS[2], lambda m, s: m.encoder_attn_layer_norm(s[0]), None),
+        Stage(DECODER_GROUPS[3], lambda m, s: s[1], cross_attend, frames=True),
+        Stage(DECODER_GROUPS[4], lambda m, s: s[2], lambda m, s: (s[0] + m.encoder_attn.out_proj(s[2]), s[1])),
+        Stage(DECODER_GROUPS[5], lambda m, s: m.final_layer_norm(s[0]), None),
+        Stage(DECODER_GROUPS[6], ffn_hidden, lambda m, s: (s[0] + m.fc2(ffn_hidden(m, s)), s[1])),
+    ]
+
+
 def _whisper_blocks(asr: "WhisperAsr"):
     from quasr.quantize import Block
 
@@ -113,9 +178,14 @@ class WhisperCalibration:
     One utterance per forward call, so no padding masks are needed.
     """
 
-    def __init__(self, asr: "WhisperAsr", encoder_frames: str = "speech"):
+    def __init__(self, asr: "WhisperAsr", encoder_frames: str = "window", pad_stride: int = 1):
+        from quasr.quant.grid import QuantConfigError
+
         if encoder_frames not in ("speech", "window"):
-            raise ValueError(f"encoder_frames must be 'speech' or 'window', got {encoder_frames!r}")
+            raise QuantConfigError(f"encoder_frames must be 'speech' or 'window', got {encoder_frames!r}")
+        if not isinstance(pad_stride, int) or pad_stride < 1:
+            raise QuantConfigError(f"pad_stride must be a positive integer, got {pad_stride!r}")
+        self.pad_stride = pad_stride
         self.asr = asr
         self.encoder_frames = encoder_frames
         self.blocks = _whisper_blocks(asr)
@@ -148,6 +218,7 @@ class WhisperCalibration:
             n_frames = self.asr.model.config.max_source_positions
             items.append({"id": u.id, "features": feats.to(self.asr.model.dtype),
                           "frames": n_frames if self.encoder_frames == "window" else min(frames, n_frames),
+                          "speech_frames": min(frames, n_frames),
                           "tokens": torch.tensor([ids]), "n_prompt": len(prompt), "text": u.text})
         return items
 
@@ -158,6 +229,20 @@ class WhisperCalibration:
         x = x + enc.embed_positions.weight[: x.shape[1]]
         return x[:, : item["frames"]]
 
+    def frame_rows(self, item: dict):
+        """Rows of an encoder-frame input that feed the statistics, with the square root of their weights, or
+        None for all rows. In window mode with pad_stride k > 1: every speech frame (weight 1), then every k-th
+        frame of the padding after it, weighted by the frames it stands for, so H keeps its scale and Σ weights
+        is the window length. Padding frames are near copies of their neighbours (silence plus positions)."""
+        if self.pad_stride == 1 or item["frames"] <= item["speech_frames"]:
+            return None
+        if "rows" not in item:
+            s, n, k = item["speech_frames"], item["frames"], self.pad_stride
+            pad = torch.arange(s, n, k)
+            w = torch.cat([torch.ones(s), (torch.clamp(n - pad, max=k)).float()])
+            item["rows"] = (torch.cat([torch.arange(s), pad]), w.sqrt())
+        return item["rows"]
+
     def encoder_output(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.asr.model.model.encoder.layer_norm(hidden)
 
@@ -166,6 +251,12 @@ class WhisperCalibration:
         ids = item["tokens"]
         emb = dec.embed_tokens(ids) if embed_weight is None else torch.nn.functional.embedding(ids, embed_weight)
         return emb + dec.embed_positions.weight[: ids.shape[1]]
+
+    def stages(self, block):
+        """Staged forward of a block (see encoder_layer_stages) or None to run the block whole with hooks."""
+        if self.asr.model.dtype != torch.float32 or self.asr.model.config._attn_implementation not in ("sdpa", "eager"):
+            return None
+        return encoder_layer_stages() if block.stage == "encoder" else decoder_layer_stages()
 
     def run_block(self, block, module, hidden: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
         if block.stage == "encoder":
