@@ -29,8 +29,14 @@ def _fail(e: Exception) -> None:
 
 def _load_sets(data: list[str], limit: Optional[int], skip_bad: bool):
     from quasr.data import load_source
+    from quasr.errors import DataError
     from quasr.progress import console
 
+    if limit is not None and limit <= 0:
+        raise DataError(f"--limit must be a positive number of utterances, got {limit}")
+    dupes = sorted({d for d in data if data.count(d) > 1})
+    if dupes:
+        raise DataError(f"--data {dupes[0]} is given more than once (its results would overwrite each other)")
     sets = []
     for spec in data:
         ds = load_source(spec, limit=limit, skip_bad=skip_bad)
@@ -66,6 +72,14 @@ def eval_cmd(
         results = evaluate(asr, sets, batch_size=batch_size, num_beams=beams, progress=progress)
         recipe = dict(model=asr.name, method=getattr(asr, "method", "fp"), bits=getattr(asr, "bits", None),
                       group_size=getattr(asr, "group_size", None))
+        q = getattr(asr, "recipe", None) or {}
+        if q.get("n_calib"):  # a checkpoint: its calibration recipe goes into every record
+            calib = q.get("calib")
+            recipe.update(calib="+".join(calib) if isinstance(calib, list) else calib, n_calib=q["n_calib"],
+                          seed=q.get("seed"), alpha=q.get("alpha"), encoder_frames=q.get("encoder_frames"),
+                          pad_stride=q.get("pad_stride"))
+        if q:
+            recipe["embedding_bits"] = q.get("embedding_bits")
         print_tables(results, title=f"{asr.name} ({'greedy' if beams == 1 else f'beam {beams}'}, normalizer {NORMALIZER})")
         if out:
             write_json(out, {

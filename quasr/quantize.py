@@ -20,6 +20,7 @@ import torch
 
 from quasr.memory import fixed_mmap_threshold
 from quasr.methods import LayerStats, get_method
+from quasr.quant.gptq import asym_error
 from quasr.quant.grid import QuantConfigError, QuantGrid, QuantizedWeight, check_finite, rtn
 from quasr.progress import progress_bar
 
@@ -91,10 +92,9 @@ def _rel_err(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:
 
 
 def _asym_err(W: torch.Tensor, W_hat: torch.Tensor, s: LayerStats) -> float:
-    """‖W X − Ŵ X̂‖² / ‖W X‖² from Σxxᵀ, Σx̂x̂ᵀ and Σxx̂ᵀ = H_Δ + H."""
-    XXh = s.H_delta + s.H
-    num = ((W @ s.XX) * W).sum() - 2 * ((W @ XXh) * W_hat).sum() + ((W_hat @ s.H) * W_hat).sum()
-    return float(num / ((W @ s.XX) * W).sum().clamp(min=1e-12))
+    """‖W X − Ŵ X̂‖² / ‖W X‖² from Σxxᵀ, Σx̂x̂ᵀ and Σxx̂ᵀ = H_Δ + H (float64: the terms nearly cancel)."""
+    den = asym_error(W, torch.zeros_like(W), s.XX, s.H, s.H_delta + s.H)  # ‖W X‖²
+    return asym_error(W, W_hat, s.XX, s.H, s.H_delta + s.H) / max(den, 1e-12)
 
 
 def _new_stats(linears: dict, need_fp: bool) -> dict[str, LayerStats]:
@@ -193,6 +193,14 @@ def quantize_(asr, cfg: QuantConfig, calib=(), progress: bool = True, on_layer=N
     cal = asr.calibration(cfg.encoder_frames, cfg.pad_stride)
     blocks = [b for b in cal.blocks if cfg.layers in ("all", b.stage)]
     _check_layers(asr, blocks, grid)
+    if cfg.embedding_bits:
+        from quasr.quant.modules import tied_embedding_names
+
+        QuantGrid(cfg.embedding_bits, None, sym=True)  # bits in range
+        if tied_embedding_names(asr.model) is None:
+            raise QuantConfigError(f"{type(asr.model).__name__}: embedding_bits={cfg.embedding_bits} needs an output "
+                                   "projection tied to the token embedding; this model's is not tied (use "
+                                   "embedding_bits=None, --embedding-bits 0)")
     calib = list(calib)
     if method.needs_calibration and len(calib) < MIN_CALIB:
         raise QuantConfigError(f"{cfg.method} needs calibration utterances: got {len(calib)}, need at least "

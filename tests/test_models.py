@@ -22,14 +22,35 @@ def test_converted_tensors_match_ct2_file(tiny):
     d = qkv.shape[1]
     assert torch.equal(sd["model.encoder.layers.2.self_attn.k_proj.weight"], qkv[d:2 * d])
     assert torch.equal(sd["model.encoder.layers.2.self_attn.v_proj.weight"], qkv[2 * d:])
-    kv = torch.from_numpy(v["decoder/layer_3/attention/linear_1/weight"].astype(np.float32))
+    raw = lambda k: torch.from_numpy(v[k].astype(np.float32))  # noqa: E731
+    assert torch.equal(sd["model.encoder.layers.2.self_attn.q_proj.weight"], qkv[:d])
+    qkv_b = raw("encoder/layer_2/self_attention/linear_0/bias")
+    assert torch.equal(sd["model.encoder.layers.2.self_attn.q_proj.bias"], qkv_b[:d])
+    assert torch.equal(sd["model.encoder.layers.2.self_attn.v_proj.bias"], qkv_b[2 * d:])
+    assert not qkv_b[d:2 * d].any() and "model.encoder.layers.2.self_attn.k_proj.bias" not in sd
+    kv = raw("decoder/layer_3/attention/linear_1/weight")
+    assert torch.equal(sd["model.decoder.layers.3.encoder_attn.k_proj.weight"], kv[:d])
     assert torch.equal(sd["model.decoder.layers.3.encoder_attn.v_proj.weight"], kv[d:])
+    assert torch.equal(sd["model.decoder.layers.3.encoder_attn.v_proj.bias"],
+                      raw("decoder/layer_3/attention/linear_1/bias")[d:])
+    assert torch.equal(sd["model.decoder.layers.1.encoder_attn.q_proj.weight"], raw("decoder/layer_1/attention/linear_0/weight"))
+    assert torch.equal(sd["model.encoder.layers.0.fc2.bias"], raw("encoder/layer_0/ffn/linear_1/bias"))
+    assert torch.equal(sd["model.decoder.layers.0.final_layer_norm.weight"], raw("decoder/layer_0/ffn/layer_norm/gamma"))
+    assert torch.equal(sd["model.encoder.embed_positions.weight"], raw("encoder/position_encodings/encodings"))
     # output projection is tied to the token embedding
+    assert torch.equal(sd["model.decoder.embed_tokens.weight"], raw("decoder/embeddings/weight"))
     assert tiny.model.proj_out.weight.data_ptr() == tiny.model.model.decoder.embed_tokens.weight.data_ptr()
     tensors, dims = ct2_state_dict(v)
     assert dims["encoder_layers"] == 4 and dims["encoder_attention_heads"] == 6 and dims["vocab_size"] == 51864
-    for k, t in tensors.items():
-        assert torch.equal(sd[k], t), k
+    assert set(tensors) == set(sd) - {"proj_out.weight"}  # every model tensor comes from the file
+
+
+def test_int8_ct2_models_are_refused_not_silently_mangled(tiny):
+    src, parts = BUNDLED["whisper-tiny.en"].locate()
+    v = dict(read_model_bin(parts[0]))
+    v["encoder/layer_0/ffn/linear_0/weight_scale"] = np.ones(1536, np.float32)
+    with pytest.raises(ModelError, match="int8-quantized CTranslate2 model"):
+        ct2_state_dict(v)
 
 
 def test_generation_config_is_complete(tiny):
@@ -81,6 +102,9 @@ def test_bad_specs_name_the_problem(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # as on a machine with no internet
     with pytest.raises(ModelError, match="unknown model"):
         load_model("whisper-huge-nonexistent")
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ModelError, match="config.json: unreadable model config"):
+        load_model(str(tmp_path))
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
     with pytest.raises(ModelError, match="bert"):
         load_model(str(tmp_path))

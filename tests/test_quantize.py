@@ -146,10 +146,22 @@ def test_decoder_only_leaves_the_encoder_alone(fresh_tiny, calib):
     (dict(group_size=100), r"model.encoder.layers.0.self_attn.q_proj: group size 100 does not divide"),
     (dict(method="magic"), "unknown method 'magic'"),
     (dict(layers="middle"), "layers must be all, encoder or decoder"),
+    (dict(encoder_frames="all"), "encoder_frames must be"),
+    (dict(pad_stride=0), "pad_stride must be a positive integer"),
+    (dict(embedding_bits=1), "bits must be between 2 and 8"),
 ])
 def test_bad_configs_fail_before_any_work(fresh_tiny, calib, cfg, message):
     with pytest.raises(QuantConfigError, match=message):
         quantize_(fresh_tiny, QuantConfig(**cfg), calib, progress=False)
+
+
+def test_untied_head_with_embedding_bits_fails_before_any_work(fresh_tiny, calib):
+    m = fresh_tiny.model
+    m.proj_out.weight = torch.nn.Parameter(m.proj_out.weight.detach().clone())  # untie
+    before = m.model.encoder.layers[0].fc1.weight.detach().clone()
+    with pytest.raises(QuantConfigError, match="not tied"):
+        quantize_(fresh_tiny, QuantConfig(method="rtn", embedding_bits=8), progress=False)
+    assert torch.equal(m.model.encoder.layers[0].fc1.weight, before)
 
 
 def test_nan_weight_is_named(fresh_tiny, calib):
@@ -198,7 +210,9 @@ def test_cli_quantize_info_eval_roundtrip(tmp_path, asterisk_files):
     assert r.exit_code == 0, r.output
     got = json.loads(res.read_text())
     hyps = [u["hyp"] for u in got["utterances"][str(manifest)]]
-    assert got["records"][0]["method"] == "gptq" and got["records"][0]["bits"] == 4
+    rec = got["records"][0]
+    assert rec["method"] == "gptq" and rec["bits"] == 4
+    assert (rec["calib"], rec["n_calib"], rec["seed"], rec["embedding_bits"]) == ("asterisk:calib", 3, 0, 8)
 
     # the same recipe in memory, on the same calibration sample, transcribes identically
     from quasr.cli import _calibration
@@ -221,6 +235,10 @@ def test_cli_errors_are_clear(tmp_path):
     assert not (tmp_path / "x").exists()
     r = runner.invoke(app, ["eval", "--model", "no-such-model", "--data", "asterisk:test", "--limit", "1"])
     assert r.exit_code == 2 and "unknown model" in r.output
+    r = runner.invoke(app, ["eval", "--data", "asterisk:test", "--limit", "0"])
+    assert r.exit_code == 2 and "--limit must be a positive" in r.output
+    r = runner.invoke(app, ["eval", "--data", "asterisk:test", "--data", "asterisk:test", "--limit", "1"])
+    assert r.exit_code == 2 and "more than once" in r.output
 
 
 def test_cli_compare_scores_both_models_on_the_same_speech(tmp_path, asterisk_files):

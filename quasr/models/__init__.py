@@ -83,10 +83,20 @@ def converted_ct2_dir(src: Path, parts: list[Path], name: str) -> Path:
     return out
 
 
+def _read_config(path: Path) -> dict:
+    try:
+        out = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelError(f"{path}: unreadable model config ({e})") from None
+    if not isinstance(out, dict):
+        raise ModelError(f"{path}: model config must be a JSON object")
+    return out
+
+
 def _is_ct2_dir(p: Path) -> bool:
     if not (p / "model.bin").exists() or not (p / "config.json").exists():
         return False
-    return "model_type" not in json.loads((p / "config.json").read_text())
+    return "model_type" not in _read_config(p / "config.json")
 
 
 def load_model(spec: str) -> AsrModel:
@@ -105,7 +115,7 @@ def load_model(spec: str) -> AsrModel:
             out = converted_ct2_dir(path, [path / "model.bin"], path.name)
             return WhisperAsr.from_pretrained(str(out), spec=spec, name=path.name)
         if (path / "config.json").exists():
-            model_type = json.loads((path / "config.json").read_text()).get("model_type")
+            model_type = _read_config(path / "config.json").get("model_type")
             if model_type != "whisper":
                 raise ModelError(f"{path}: model_type {model_type!r} is not supported yet (supported: whisper)")
             return WhisperAsr.from_pretrained(str(path), spec=spec, name=path.name)

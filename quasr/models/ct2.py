@@ -4,6 +4,7 @@ A CTranslate2 model directory holds `model.bin` (every tensor, see `read_model_b
 (alignment heads, suppressed tokens) and `tokenizer.json` (a Hugging Face tokenizer). The conversion is an
 exact tensor mapping: fused q/k/v and cross-attention k/v projections are split, the (all-zero) key
 biases are dropped, everything else is renamed. Float16 weights become float32 losslessly.
+Int8-quantized CTranslate2 models are refused (their scales would otherwise be lost).
 """
 from __future__ import annotations
 
@@ -72,6 +73,8 @@ def read_model_bin(path: str | Path) -> dict[str, np.ndarray]:
         variables[name] = arr
     for _ in range(take("I")):
         alias, target = string(), string()
+        if target not in variables:
+            raise ModelError(f"{path}: alias {alias} points to {target}, which the file does not hold")
         variables[alias] = variables[target]
     return variables
 
@@ -85,6 +88,11 @@ def ct2_state_dict(v: dict[str, np.ndarray]) -> tuple[dict[str, torch.Tensor], d
 
     Returns (state dict in float32, dims) where dims holds the architecture read off the tensors.
     """
+    quantized = sorted(k for k in v if k.endswith("/weight_scale"))
+    if quantized:
+        raise ModelError(f"int8-quantized CTranslate2 model ({len(quantized)} layers, e.g. {quantized[0]}): quasr "
+                         "needs the float weights; convert with ct2-transformers-converter without --quantization "
+                         "(or --quantization float16)")
     sd: dict[str, np.ndarray] = {}
 
     def linear(src: str, dst: str):
@@ -173,7 +181,7 @@ def convert_ct2_whisper(src: str | Path, out_dir: str | Path, model_bin: str | P
     """Convert a CTranslate2 Whisper directory into a transformers model directory (written atomically).
 
     `model_bin` overrides `src/model.bin` (for models shipped in parts). The output holds the model
-    (float16 safetensors, lossless w.r.t. the CTranslate2 weights), a complete generation config
+    (safetensors in the source's float16 or float32, so lossless), a complete generation config
     (no-timestamps token, suppressed tokens, alignment heads, languages and tasks for multilingual models),
     the tokenizer with timestamp tokens, and the feature extractor.
     """
@@ -191,8 +199,15 @@ def convert_ct2_whisper(src: str | Path, out_dir: str | Path, model_bin: str | P
     for need in (model_bin, src / "config.json", src / "tokenizer.json"):
         if not need.exists():
             raise ModelError(f"{src}: not a CTranslate2 Whisper directory ({need.name} is missing)")
-    ct2_config = json.loads((src / "config.json").read_text())
-    tensors, dims = ct2_state_dict(read_model_bin(model_bin))
+    try:
+        ct2_config = json.loads((src / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelError(f"{src / 'config.json'}: not valid JSON ({e})") from None
+    variables = read_model_bin(model_bin)
+    # keep the source precision: float16 weights are stored as float16, float32 ones as float32
+    fp16 = all(a.dtype != np.float32 for k, a in variables.items() if k.endswith("/weight"))
+    tensors, dims = ct2_state_dict(variables)
+    del variables
 
     tokenizer = WhisperTokenizer(tokenizer_file=str(src / "tokenizer.json"))
     ids = _special_ids(tokenizer)
@@ -237,7 +252,7 @@ def convert_ct2_whisper(src: str | Path, out_dir: str | Path, model_bin: str | P
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        model.to(torch.float16).save_pretrained(tmp)
+        model.to(torch.float16 if fp16 else torch.float32).save_pretrained(tmp)
         processor.save_pretrained(tmp)
         (tmp / "quasr_source.json").write_text(json.dumps({"converted_from": str(src), "format": "ctranslate2"}))
         replace_dir(tmp, out_dir)
