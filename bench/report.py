@@ -40,21 +40,35 @@ def baseline(path: Path) -> str:
 
 
 def ptq(path: Path) -> str:
+    """One row per recipe: WER and rare-WER on each test set side by side, cost and size."""
     d = json.loads(path.read_text())
     recs = [r for r in d["records"] if r["speaker"] is None]
+    sets = list(dict.fromkeys(r["data"] for r in recs))
     fp = {(r["model"], r["data"]): r for r in recs if r["method"] == "fp"}
-    rows = []
+    keys = ("model", "method", "bits", "group_size", "alpha", "embedding_bits", "encoder_frames", "pad_stride")
+    rows: dict[tuple, dict] = {}
     for r in recs:
-        base = fp.get((r["model"], r["data"]))
-        speed = base["sec_per_utt"] / r["sec_per_utt"] if base and r.get("sec_per_utt") else None
+        rows.setdefault(tuple(r.get(k) for k in keys), {})[r["data"]] = r
+    out = []
+    for key, by_set in rows.items():
+        r = next(iter(by_set.values()))
+        speeds = [fp[(r["model"], s)]["sec_per_utt"] / by_set[s]["sec_per_utt"] for s in by_set
+                  if (r["model"], s) in fp and by_set[s].get("sec_per_utt")]
         label = r["method"] + (f" α={r['alpha']}" if r.get("alpha") is not None else "")
-        rows.append([r["model"], label, r["bits"] and f"W{r['bits']}G{r['group_size']}",
-                     r.get("embedding_bits"), r.get("encoder_frames"), r["data"], r["n_utts"], r["wer"],
-                     r["rare_wer"], r.get("quant_seconds"), r.get("peak_rss_mb"), r.get("size_mb"),
-                     r.get("bits_per_weight"), speed])
-    return "\n".join([f"`{d['command']}` (normalizer: {d['normalizer']})", "", md(rows, [
-        "model", "method", "weights", "emb bits", "calib frames", "set", "utts", "WER %", "rare-WER %",
-        "quant s", "peak RSS MB", "ckpt MB", "bits/weight", "speed vs fp"])])
+        frames = r.get("encoder_frames")
+        if frames == "window" and r.get("pad_stride"):
+            frames += f"/{r['pad_stride']}"
+        out.append([r["model"], label, r["bits"] and f"W{r['bits']}G{r['group_size']}", r.get("embedding_bits"), frames]
+                   + [by_set[s]["wer"] if s in by_set else None for s in sets]
+                   + [by_set[s]["rare_wer"] if s in by_set else None for s in sets]
+                   + [r.get("quant_seconds"), r.get("peak_rss_mb"), r.get("size_mb"), r.get("bits_per_weight"),
+                      sum(speeds) / len(speeds) if speeds else None])
+    n = {s: next(r["n_utts"] for r in recs if r["data"] == s) for s in sets}
+    header = (["model", "method", "weights", "emb bits", "calib frames"] + [f"WER {s} %" for s in sets]
+              + [f"rare-WER {s} %" for s in sets]
+              + ["quant s", "peak RSS MB", "ckpt MB", "bits/weight", "speed vs fp"])
+    sizes = ", ".join(f"{s}: {n[s]} utterances" for s in sets)
+    return "\n".join([f"`{d['command']}` (normalizer: {d['normalizer']}; {sizes})", "", md(out, header)])
 
 
 def main() -> None:
