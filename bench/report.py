@@ -68,7 +68,13 @@ def ptq(path: Path) -> str:
               + [f"rare-WER {s} %" for s in sets]
               + ["quant s", "peak RSS MB", "ckpt MB", "bits/weight", "speed vs fp"])
     sizes = ", ".join(f"{s}: {n[s]} utterances" for s in sets)
-    return "\n".join([f"`{d['command']}` (normalizer: {d['normalizer']}; {sizes})", "", md(out, header)])
+    return "\n".join([f"Normalizer: {d['normalizer']}; {sizes}. Commands:", "", commands(d), "", md(out, header)])
+
+
+def commands(d: dict) -> str:
+    """The distinct commands that measured the records of a results file, in order, as a bash block."""
+    cmds = list(dict.fromkeys(r.get("command") or d["command"] for r in d["records"]))
+    return "```bash\n" + "\n".join(cmds) + "\n```"
 
 
 def main() -> None:

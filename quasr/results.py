@@ -130,6 +130,7 @@ class ResultsFile:
                 mine = {self.key(r) for r in self.records}
                 self.data["records"] = self.records + [r for r in on_disk if self.key(r) not in mine]
             for rec in recs:
+                rec.setdefault("command", self.data["command"])  # which run measured this cell
                 k = self.key(rec)
                 self.data["records"] = [r for r in self.records if self.key(r) != k] + [rec]
             self.data["created"] = now()

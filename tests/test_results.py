@@ -50,3 +50,13 @@ def test_fresh_starts_over_and_keeps_the_old_file_aside(tmp_path):
     fresh.add(record(model="m", method="gptq", bits=4, data="a", wer=2.0))
     assert [r["method"] for r in json.loads(path.read_text())["records"]] == ["gptq"]  # the old cell is not merged back
     assert json.loads((tmp_path / ".r.json.prev").read_text())["records"][0]["method"] == "rtn"
+
+
+def test_each_record_keeps_the_command_that_measured_it(tmp_path):
+    path = tmp_path / "r.json"
+    ResultsFile(path, "x", command="python bench/ptq.py --bits 4").add(record(model="m", bits=4, data="a", wer=1.0))
+    ResultsFile(path, "x", command="python bench/ptq.py --bits 3").add(record(model="m", bits=3, data="a", wer=2.0))
+    saved = json.loads(path.read_text())
+    assert {r["bits"]: r["command"] for r in saved["records"]} == {4: "python bench/ptq.py --bits 4",
+                                                                  3: "python bench/ptq.py --bits 3"}
+    assert saved["command"] == "python bench/ptq.py --bits 3"  # the file-level command is the latest run
