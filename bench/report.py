@@ -45,16 +45,19 @@ def ptq(path: Path) -> str:
     recs = [r for r in d["records"] if r["speaker"] is None]
     sets = list(dict.fromkeys(r["data"] for r in recs))
     fp = {(r["model"], r["data"]): r for r in recs if r["method"] == "fp"}
-    keys = ("model", "method", "bits", "group_size", "alpha", "embedding_bits", "encoder_frames", "pad_stride")
+    keys = ("model", "method", "bits", "group_size", "alpha", "embedding_bits", "encoder_frames", "pad_stride", "percdamp")
     rows: dict[tuple, dict] = {}
     for r in recs:
         rows.setdefault(tuple(r.get(k) for k in keys), {})[r["data"]] = r
+    models = list(dict.fromkeys(r["model"] for r in recs))
     out = []
-    for key, by_set in rows.items():
+    for key, by_set in sorted(rows.items(), key=lambda kv: models.index(kv[0][0])):  # stable: run order per model
         r = next(iter(by_set.values()))
         speeds = [fp[(r["model"], s)]["sec_per_utt"] / by_set[s]["sec_per_utt"] for s in by_set
                   if (r["model"], s) in fp and by_set[s].get("sec_per_utt")]
         label = r["method"] + (f" α={r['alpha']}" if r.get("alpha") is not None else "")
+        if r.get("percdamp") not in (None, 0.01):  # GPTQ's default damping is left unsaid
+            label += f" damp={r['percdamp']}"
         frames = r.get("encoder_frames")
         if frames == "window" and r.get("pad_stride"):
             frames += f"/{r['pad_stride']}"

@@ -138,6 +138,7 @@ def quantize_cmd(
     sym: bool = typer.Option(False, help="Symmetric grid (no zero points)"),
     act_order: bool = typer.Option(False, help="GPTQ: columns by decreasing Hessian diagonal (static groups)"),
     mse: bool = typer.Option(False, help="Search a clipped range per group (MSE)"),
+    percdamp: float = typer.Option(0.01, help="GPTQ damping: this fraction of the mean Hessian diagonal is added to it"),
     embedding_bits: int = typer.Option(8, help="Bits of the tied token embedding / output head, per row; 0 keeps FP32"),
     layers: str = typer.Option("all", help="all | encoder | decoder"),
     encoder_frames: str = typer.Option("window", help="window (30 s, as at inference) | speech (cut after the audio)"),
@@ -162,7 +163,7 @@ def quantize_cmd(
         quiet_transformers()
         cfg = QuantConfig(method=method, bits=bits, group_size=group_size or None, sym=sym, mse=mse,
                           act_order=act_order, alpha=alpha, embedding_bits=embedding_bits or None, layers=layers,
-                          encoder_frames=encoder_frames, pad_stride=pad_stride)
+                          percdamp=percdamp, encoder_frames=encoder_frames, pad_stride=pad_stride)
         cfg.grid()
         m = get_method(method)
         utts = _calibration(calib, n_calib, seed, skip_bad) if m.needs_calibration else []

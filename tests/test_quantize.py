@@ -194,10 +194,12 @@ def test_cli_quantize_info_eval_roundtrip(tmp_path, asterisk_files):
     runner = CliRunner()
     out = tmp_path / "ckpt"
     r = runner.invoke(app, ["quantize", "--method", "gptq", "--bits", "4", "--calib", "asterisk:calib",
-                            "--n-calib", "3", "--encoder-frames", "speech", "--out", str(out), "--no-progress"])
+                            "--n-calib", "3", "--encoder-frames", "speech", "--percdamp", "0.05", "--out", str(out),
+                            "--no-progress"])
     assert r.exit_code == 0, r.output
     recipe = json.loads((out / "quasr_checkpoint.json").read_text())["recipe"]
     assert recipe["method"] == "gptq" and recipe["bits"] == 4 and recipe["n_calib"] == 3
+    assert recipe["percdamp"] == 0.05
     assert len(recipe["calib_ids"]) == 3 and recipe["seed"] == 0
     r = runner.invoke(app, ["info", str(out)])
     assert r.exit_code == 0 and '"bits_per_weight"' in r.output
@@ -218,7 +220,7 @@ def test_cli_quantize_info_eval_roundtrip(tmp_path, asterisk_files):
     from quasr.cli import _calibration
 
     asr = load_model("whisper-tiny.en")
-    quantize_(asr, QuantConfig(method="gptq", bits=4, encoder_frames="speech"),
+    quantize_(asr, QuantConfig(method="gptq", bits=4, encoder_frames="speech", percdamp=0.05),
               _calibration(["asterisk:calib"], 3, 0, False), progress=False)
     assert asr.transcribe([read_audio(f) for f in files], progress=False) == hyps
 
