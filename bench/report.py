@@ -39,12 +39,39 @@ def baseline(path: Path) -> str:
     return "\n".join(out)
 
 
+def paired(a: dict[str, int], b: dict[str, int]) -> tuple[int, int]:
+    """Per-utterance errors of two models on the same utterances -> (utterances where a has fewer errors than
+    b, utterances where it has more). Unlike a WER difference, one runaway utterance counts once."""
+    if a.keys() != b.keys():
+        raise ValueError("paired comparison needs the same utterances on both sides")
+    return sum(a[k] < b[k] for k in a), sum(a[k] > b[k] for k in a)
+
+
+def utterance_errors(results_dir: Path, rec: dict) -> dict[str, int] | None:
+    """{utterance id: errors} from the transcript file a record names, or None if it names none."""
+    if not rec.get("transcripts"):
+        return None
+    lines = (results_dir / rec["transcripts"]).read_text().splitlines()
+    return {u["id"]: u["errors"] for u in map(json.loads, lines)}
+
+
 def ptq(path: Path) -> str:
-    """One row per recipe: WER and rare-WER on each test set side by side, cost and size."""
+    """One row per recipe: WER and rare-WER on each test set side by side, cost and size, and a paired
+    per-utterance comparison with RTN at the same bits, group size and embedding bits."""
     d = json.loads(path.read_text())
     recs = [r for r in d["records"] if r["speaker"] is None]
     sets = list(dict.fromkeys(r["data"] for r in recs))
     fp = {(r["model"], r["data"]): r for r in recs if r["method"] == "fp"}
+    rtn = {(r["model"], r["bits"], r["group_size"], r.get("embedding_bits"), r["data"]): r
+           for r in recs if r["method"] == "rtn"}
+
+    def vs_rtn(r: dict) -> str | None:
+        base = rtn.get((r["model"], r["bits"], r["group_size"], r.get("embedding_bits"), r["data"]))
+        if r["method"] in ("fp", "rtn") or base is None:
+            return None
+        a, b = utterance_errors(path.parent, r), utterance_errors(path.parent, base)
+        return None if a is None or b is None else "%d / %d" % paired(a, b)
+
     keys = ("model", "method", "bits", "group_size", "alpha", "embedding_bits", "encoder_frames", "pad_stride", "percdamp")
     rows: dict[tuple, dict] = {}
     for r in recs:
@@ -64,11 +91,13 @@ def ptq(path: Path) -> str:
         out.append([r["model"], label, r["bits"] and f"W{r['bits']}G{r['group_size']}", r.get("embedding_bits"), frames]
                    + [by_set[s]["wer"] if s in by_set else None for s in sets]
                    + [by_set[s]["rare_wer"] if s in by_set else None for s in sets]
+                   + [vs_rtn(by_set[s]) if s in by_set else None for s in sets]
                    + [r.get("quant_seconds"), r.get("peak_rss_mb"), r.get("size_mb"), r.get("bits_per_weight"),
                       sum(speeds) / len(speeds) if speeds else None])
     n = {s: next(r["n_utts"] for r in recs if r["data"] == s) for s in sets}
     header = (["model", "method", "weights", "emb bits", "calib frames"] + [f"WER {s} %" for s in sets]
               + [f"rare-WER {s} %" for s in sets]
+              + [f"vs RTN {s}: utts better / worse" for s in sets]
               + ["quant s", "peak RSS MB", "ckpt MB", "bits/weight", "speed vs fp"])
     sizes = ", ".join(f"{s}: {n[s]} utterances" for s in sets)
     return "\n".join([f"Normalizer: {d['normalizer']}; {sizes}. Commands:", "", commands(d), "", md(out, header)])

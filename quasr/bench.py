@@ -43,8 +43,10 @@ def eval_cell(results: ResultsFile, model: AsrModel, data: str, limit: int | Non
     [res] = evaluate(model, [ds], progress=progress)
     # other work on the machine slows transcription: the 1-minute load average is kept beside the timing
     load = {"load_avg": round(max(load_before, os.getloadavg()[0]), 2)}
-    recs = [dict(r, **load, **(extra or {})) for r in to_records([res], **recipe)]
     path = transcripts_path(results, recipe, data)
+    # each record names its transcript file (relative to the results file), for paired per-utterance comparisons
+    recs = [dict(r, **load, **(extra or {}), transcripts=str(path.relative_to(results.path.parent)))
+            for r in to_records([res], **recipe)]
     atomic_write_text(path, "".join(json.dumps({k: u[k] for k in ("id", "speaker", "ref", "hyp", "errors", "n_ref")},
                                                ensure_ascii=False) + "\n" for u in res.utterances))
     results.add(*recs)

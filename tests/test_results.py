@@ -60,3 +60,37 @@ def test_each_record_keeps_the_command_that_measured_it(tmp_path):
     assert {r["bits"]: r["command"] for r in saved["records"]} == {4: "python bench/ptq.py --bits 4",
                                                                   3: "python bench/ptq.py --bits 3"}
     assert saved["command"] == "python bench/ptq.py --bits 3"  # the file-level command is the latest run
+
+
+def _load_report():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("report", Path(__file__).parents[1] / "bench" / "report.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_report_compares_with_rtn_per_utterance(tmp_path):
+    """One runaway utterance makes GPTQ's WER worse than RTN's; the paired column still shows that GPTQ is
+    better on two utterances of three and worse on one."""
+    report = _load_report()
+    path = tmp_path / "ptq.json"
+    errors = {"fp": [0, 0, 0], "rtn": [2, 3, 1], "gptq": [1, 1, 40]}
+    results = ResultsFile(path, "ptq", option_keys=("embedding_bits",))
+    for method, errs in errors.items():
+        t = f"transcripts/{method}.jsonl"
+        (tmp_path / "transcripts").mkdir(exist_ok=True)
+        (tmp_path / t).write_text("".join(json.dumps({"id": f"u{i}", "errors": e, "n_ref": 10}) + "\n"
+                                          for i, e in enumerate(errs)))
+        q = method != "fp"
+        results.add(record(model="m", method=method, bits=4 if q else None, group_size=128 if q else None,
+                           embedding_bits=8 if q else None, data="s", wer=sum(errs) / 30 * 100, rare_wer=0.0,
+                           n_utts=3, transcripts=t))
+    rows = {line.split("|")[2].strip(): line for line in report.ptq(path).splitlines() if line.startswith("| m ")}
+    assert " 2 / 1 " in rows["gptq"]
+    assert " 2 / 1 " not in rows["rtn"] and " 2 / 1 " not in rows["fp"]
+    assert report.paired({"a": 1, "b": 2}, {"a": 1, "b": 5}) == (1, 0)
+    with pytest.raises(ValueError):
+        report.paired({"a": 1}, {"b": 1})
