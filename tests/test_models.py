@@ -110,3 +110,26 @@ def test_bad_specs_name_the_problem(tmp_path, monkeypatch):
         load_model(str(tmp_path))
     with pytest.raises(ModelError, match="hub"):
         load_model("openai/whisper-nonexistent-model-xyz")
+
+
+def test_long_audio_is_transcribed_to_the_end(tiny):
+    """About 50 s of prompts joined into one recording: the words after the first 30 s window are there too."""
+    from quasr.data import load_source
+    from quasr.metrics import align, normalize, score
+
+    utts, n = [], 0
+    for u in load_source("asterisk:test", limit=100).utterances:
+        if 2 * 16000 < len(u.audio) < 8 * 16000:  # whole sentences, not single words
+            utts.append(u)
+            n += len(u.audio) + 8000
+        if n > 50 * 16000:
+            break
+    gap = np.zeros(8000, dtype=np.float32)
+    audio = np.concatenate([np.concatenate([u.audio, gap]) for u in utts])
+    ref = " ".join(u.text for u in utts)
+    [hyp] = tiny.transcribe([audio], progress=False)
+    assert score([ref], [hyp]).wer < 25  # a 30 s truncation would lose about 40% of the words
+    ref_words = normalize(ref).split()
+    late = len(ref_words) - len(normalize(utts[-1].text).split())  # the last prompt, spoken after 45 s
+    ops = [op for op, i, _ in align(ref_words, normalize(hyp).split()) if i is not None and i >= late]
+    assert ops.count("C") >= 0.6 * len(ops)
