@@ -39,6 +39,14 @@ def baseline(path: Path) -> str:
     return "\n".join(out)
 
 
+BUSY_LOAD = 2.5  # a 1-minute load average above this on the 2-core machines means other work shared the CPUs
+
+
+def timed(x: float | None, busy: bool) -> str | None:
+    """A timing, starred when it was measured while other work ran (see BUSY_LOAD)."""
+    return None if x is None else f"{x:.2f}" + ("*" if busy else "")
+
+
 def paired(a: dict[str, int], b: dict[str, int]) -> tuple[int, int]:
     """Per-utterance errors of two models on the same utterances -> (utterances where a has fewer errors than
     b, utterances where it has more). Unlike a WER difference, one runaway utterance counts once."""
@@ -78,8 +86,10 @@ def ptq(path: Path) -> str:
         rows.setdefault(tuple(r.get(k) for k in keys), {})[r["data"]] = r
     models = list(dict.fromkeys(r["model"] for r in recs))
     out = []
-    for key, by_set in sorted(rows.items(), key=lambda kv: models.index(kv[0][0])):  # stable: run order per model
+    # per model: full precision, then the widest weights first; run order within (the sort is stable)
+    for key, by_set in sorted(rows.items(), key=lambda kv: (models.index(kv[0][0]), -(kv[0][2] or 99))):
         r = next(iter(by_set.values()))
+        busy = max(x.get("load_avg") or 0 for x in by_set.values()) > BUSY_LOAD
         speeds = [fp[(r["model"], s)]["sec_per_utt"] / by_set[s]["sec_per_utt"] for s in by_set
                   if (r["model"], s) in fp and by_set[s].get("sec_per_utt")]
         label = r["method"] + (f" α={r['alpha']}" if r.get("alpha") is not None else "")
@@ -92,15 +102,17 @@ def ptq(path: Path) -> str:
                    + [by_set[s]["wer"] if s in by_set else None for s in sets]
                    + [by_set[s]["rare_wer"] if s in by_set else None for s in sets]
                    + [vs_rtn(by_set[s]) if s in by_set else None for s in sets]
-                   + [r.get("quant_seconds"), r.get("peak_rss_mb"), r.get("size_mb"), r.get("bits_per_weight"),
-                      sum(speeds) / len(speeds) if speeds else None])
+                   + [timed(r.get("quant_seconds"), busy), r.get("peak_rss_mb"), r.get("size_mb"), r.get("bits_per_weight"),
+                      timed(sum(speeds) / len(speeds), busy) if speeds else None])
     n = {s: next(r["n_utts"] for r in recs if r["data"] == s) for s in sets}
     header = (["model", "method", "weights", "emb bits", "calib frames"] + [f"WER {s} %" for s in sets]
               + [f"rare-WER {s} %" for s in sets]
               + [f"vs RTN {s}: utts better / worse" for s in sets]
               + ["quant s", "peak RSS MB", "ckpt MB", "bits/weight", "speed vs fp"])
     sizes = ", ".join(f"{s}: {n[s]} utterances" for s in sets)
-    return "\n".join([f"Normalizer: {d['normalizer']}; {sizes}. Commands:", "", commands(d), "", md(out, header)])
+    return "\n".join([f"Normalizer: {d['normalizer']}; {sizes}. Commands:", "", commands(d), "", md(out, header), "",
+                      f"\\* timed while other work shared the CPUs (load average above {BUSY_LOAD}); "
+                      "vs RTN: utterances with fewer / more errors than RTN at the same bits and embedding bits."])
 
 
 def commands(d: dict) -> str:
