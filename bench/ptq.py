@@ -44,7 +44,7 @@ def quantize_subprocess(model: str, method: str, bits: int, group: int, alpha, a
     cmd = [sys.executable, "-m", "quasr", "quantize", "--model", model, "--method", method, "--bits", str(bits),
            "--group-size", str(group), "--n-calib", str(args.n_calib), "--seed", str(args.seed),
            "--encoder-frames", args.encoder_frames, "--pad-stride", str(args.pad_stride),
-           "--embedding-bits", str(args.embedding_bits), "--percdamp", str(args.percdamp),
+           "--embedding-bits", str(args.embedding_bits), "--percdamp", str(args.percdamp), "--layers", args.layers,
            "--out", str(out), "--no-progress"]
     for c in args.calib.split(","):
         cmd += ["--calib", c]
@@ -73,13 +73,15 @@ def main() -> None:
     ap.add_argument("--encoder-frames", default="window")
     ap.add_argument("--pad-stride", type=int, default=4, help="window mode: every k-th padding frame, weight k")
     ap.add_argument("--embedding-bits", type=int, default=8, help="tied embedding/head bits per row; 0 keeps FP32")
+    ap.add_argument("--layers", default="all", choices=["all", "encoder", "decoder"],
+                    help="which Linears to quantize; the others stay full precision")
     ap.add_argument("--percdamp", type=float, default=0.01, help="GPTQ damping (fraction of the mean Hessian diagonal)")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--fresh", action="store_true")
     args = ap.parse_args()
     quiet_transformers()
     out = args.out or RESULTS / (f"ptq-limit{args.limit}.json" if args.limit else "ptq.json")
-    results = ResultsFile(out, "ptq", fresh=args.fresh, option_keys=("alpha", "encoder_frames", "pad_stride", "embedding_bits", "percdamp"))
+    results = ResultsFile(out, "ptq", fresh=args.fresh, option_keys=("alpha", "encoder_frames", "pad_stride", "embedding_bits", "percdamp", "layers"))
     data = parse_data(args.data, args.limit)
     methods = args.methods.split(",")
     grid = [(m, a) for m, a in GRID if m in methods]
@@ -107,11 +109,12 @@ def main() -> None:
                 recipe["pad_stride"] = args.pad_stride if recipe["encoder_frames"] == "window" else None
                 recipe["embedding_bits"] = args.embedding_bits or None
                 recipe["percdamp"] = None if method == "rtn" else args.percdamp
+                recipe["layers"] = None if args.layers == "all" else args.layers
                 if all(results.done(dict(recipe, data=d, speaker=None)) for d, _ in data):
                     continue
                 tag = f"{model_name}-{method}-w{bits}g{args.group_size}" + (f"-a{alpha}" if alpha is not None else "") \
                       + f"-n{args.n_calib}-s{args.seed}-{args.encoder_frames}{args.pad_stride}-e{args.embedding_bits}" \
-                      + f"-d{args.percdamp}"
+                      + f"-d{args.percdamp}" + ("" if args.layers == "all" else f"-{args.layers}")
                 ckpt = cache_dir("bench", "ptq") / tag
                 print(f"== {tag}: quantizing", flush=True)
                 q = quantize_subprocess(model_name, method, bits, args.group_size, alpha, args, ckpt)

@@ -1,6 +1,7 @@
 """Markdown tables for the README from the committed results files (no model runs).
 
     python bench/report.py                     # baseline and ptq tables
+    python bench/report.py --readme            # rewrite them in README.md between the results markers
 """
 from __future__ import annotations
 
@@ -8,7 +9,10 @@ import json
 import sys
 from pathlib import Path
 
+from quasr.results import atomic_write_text
+
 RESULTS = Path(__file__).parent / "results"
+README = Path(__file__).parent.parent / "README.md"
 
 
 def fmt(x, nd=2):
@@ -70,17 +74,17 @@ def ptq(path: Path) -> str:
     recs = [r for r in d["records"] if r["speaker"] is None]
     sets = list(dict.fromkeys(r["data"] for r in recs))
     fp = {(r["model"], r["data"]): r for r in recs if r["method"] == "fp"}
-    rtn = {(r["model"], r["bits"], r["group_size"], r.get("embedding_bits"), r["data"]): r
+    rtn = {(r["model"], r["bits"], r["group_size"], r.get("embedding_bits"), r.get("layers"), r["data"]): r
            for r in recs if r["method"] == "rtn"}
 
     def vs_rtn(r: dict) -> str | None:
-        base = rtn.get((r["model"], r["bits"], r["group_size"], r.get("embedding_bits"), r["data"]))
+        base = rtn.get((r["model"], r["bits"], r["group_size"], r.get("embedding_bits"), r.get("layers"), r["data"]))
         if r["method"] in ("fp", "rtn") or base is None:
             return None
         a, b = utterance_errors(path.parent, r), utterance_errors(path.parent, base)
         return None if a is None or b is None else "%d / %d" % paired(a, b)
 
-    keys = ("model", "method", "bits", "group_size", "alpha", "embedding_bits", "encoder_frames", "pad_stride", "percdamp")
+    keys = ("model", "method", "bits", "group_size", "alpha", "embedding_bits", "encoder_frames", "pad_stride", "percdamp", "layers")
     rows: dict[tuple, dict] = {}
     for r in recs:
         rows.setdefault(tuple(r.get(k) for k in keys), {})[r["data"]] = r
@@ -95,6 +99,8 @@ def ptq(path: Path) -> str:
         label = r["method"] + (f" α={r['alpha']}" if r.get("alpha") is not None else "")
         if r.get("percdamp") not in (None, 0.01):  # GPTQ's default damping is left unsaid
             label += f" damp={r['percdamp']}"
+        if r.get("layers"):  # only the encoder's or only the decoder's Linears quantized
+            label += f", {r['layers']} only"
         frames = r.get("encoder_frames")
         if frames == "window" and r.get("pad_stride"):
             frames += f"/{r['pad_stride']}"
@@ -112,7 +118,7 @@ def ptq(path: Path) -> str:
     sizes = ", ".join(f"{s}: {n[s]} utterances" for s in sets)
     return "\n".join([f"Normalizer: {d['normalizer']}; {sizes}. Commands:", "", commands(d), "", md(out, header), "",
                       f"\\* timed while other work shared the CPUs (load average above {BUSY_LOAD}); "
-                      "vs RTN: utterances with fewer / more errors than RTN at the same bits and embedding bits."])
+                      "vs RTN: utterances with fewer / more errors than RTN at the same bits, embedding bits and layers."])
 
 
 def commands(d: dict) -> str:
@@ -121,14 +127,34 @@ def commands(d: dict) -> str:
     return "```bash\n" + "\n".join(cmds) + "\n```"
 
 
-def main() -> None:
-    names = sys.argv[1:] or ["baseline", "ptq"]
+TITLES = {"baseline": "Full precision", "ptq": "Weight-only post-training quantization"}
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+def report(names: list[str]) -> str:
+    out = []
     for name in names:
         path = RESULTS / f"{name}.json"
         if path.exists():
-            print(f"### {name}\n")
-            print(baseline(path) if name.startswith("baseline") else ptq(path))
-            print()
+            title = TITLES.get(name.split("-")[0], name)
+            out += [f"### {title}: `bench/results/{name}.json`", "", baseline(path) if name.startswith("baseline") else ptq(path), ""]
+    return "\n".join(out)
+
+
+def main() -> None:
+    args = sys.argv[1:]
+    readme = "--readme" in args
+    text = report([a for a in args if a != "--readme"] or ["baseline", "ptq"])
+    if not readme:
+        print(text)
+        return
+    path = README
+    doc = path.read_text()
+    if doc.count(START) != 1 or doc.count(END) != 1 or doc.index(START) > doc.index(END):
+        raise SystemExit(f"{path}: needs one {START} line before one {END} line")
+    head, rest = doc.split(START)
+    atomic_write_text(path, head + START + "\n" + text + END + rest.split(END, 1)[1])
+    print(f"rewrote the tables in {path}")
 
 
 if __name__ == "__main__":

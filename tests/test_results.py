@@ -94,3 +94,32 @@ def test_report_compares_with_rtn_per_utterance(tmp_path):
     assert report.paired({"a": 1, "b": 2}, {"a": 1, "b": 5}) == (1, 0)
     with pytest.raises(ValueError):
         report.paired({"a": 1}, {"b": 1})
+
+
+def test_report_pairs_a_split_with_the_rtn_of_the_same_layers_and_rewrites_only_the_marked_block(tmp_path,
+                                                                                                   monkeypatch):
+    report = _load_report()
+    path = tmp_path / "ptq.json"
+    (tmp_path / "transcripts").mkdir()
+    cells = [("rtn", None, [1, 1, 1]), ("rtn", "decoder", [5, 5, 5]), ("gptq", "decoder", [4, 4, 6])]
+    results = ResultsFile(path, "ptq", option_keys=("layers",))
+    for method, layers, errs in cells:
+        t = f"transcripts/{method}-{layers}.jsonl"
+        (tmp_path / t).write_text("".join(json.dumps({"id": f"u{i}", "errors": e}) + "\n" for i, e in enumerate(errs)))
+        results.add(record(model="m", method=method, bits=4, group_size=128, layers=layers, data="s",
+                           wer=sum(errs) / 30 * 100, rare_wer=0.0, n_utts=3, transcripts=t))
+    row = next(line for line in report.ptq(path).splitlines() if "decoder only" in line and "gptq" in line)
+    assert " 2 / 1 " in row  # against RTN of the decoder only (5, 5, 5), not of the whole model (1, 1, 1)
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{report.START}\nold table\n{report.END}\nprose after\n")
+    monkeypatch.setattr(report, "RESULTS", tmp_path)
+    monkeypatch.setattr(report, "README", readme)
+    monkeypatch.setattr("sys.argv", ["report.py", "--readme", "ptq"])
+    report.main()
+    text = readme.read_text()
+    assert text.startswith("intro\n") and text.endswith(f"{report.END}\nprose after\n")
+    assert "old table" not in text and "decoder only" in text
+    readme.write_text("no markers\n")
+    with pytest.raises(SystemExit):
+        report.main()
