@@ -69,7 +69,7 @@ def utterance_errors(results_dir: Path, rec: dict) -> dict[str, int] | None:
 
 def ptq(path: Path) -> str:
     """One row per recipe: WER and rare-WER on each test set side by side, cost and size, and a paired
-    per-utterance comparison with RTN at the same bits, group size and embedding bits."""
+    per-utterance comparison with RTN at the same bits, group size, embedding bits and layers."""
     d = json.loads(path.read_text())
     recs = [r for r in d["records"] if r["speaker"] is None]
     sets = list(dict.fromkeys(r["data"] for r in recs))

@@ -189,6 +189,8 @@ def quantize_(asr, cfg: QuantConfig, calib=(), progress: bool = True, on_layer=N
     method = get_method(cfg.method)
     if cfg.layers not in ("all", "encoder", "decoder"):
         raise QuantConfigError(f"layers must be all, encoder or decoder, got {cfg.layers!r}")
+    if not cfg.percdamp >= 0:  # also NaN
+        raise QuantConfigError(f"percdamp must be non-negative, got {cfg.percdamp}")
     grid = cfg.grid()
     cal = asr.calibration(cfg.encoder_frames, cfg.pad_stride)
     blocks = [b for b in cal.blocks if cfg.layers in ("all", b.stage)]

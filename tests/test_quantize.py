@@ -148,11 +148,14 @@ def test_decoder_only_leaves_the_encoder_alone(fresh_tiny, calib):
     (dict(layers="middle"), "layers must be all, encoder or decoder"),
     (dict(encoder_frames="all"), "encoder_frames must be"),
     (dict(pad_stride=0), "pad_stride must be a positive integer"),
+    (dict(percdamp=-0.1), "percdamp must be non-negative"),
     (dict(embedding_bits=1), "bits must be between 2 and 8"),
 ])
 def test_bad_configs_fail_before_any_work(fresh_tiny, calib, cfg, message):
     with pytest.raises(QuantConfigError, match=message):
         quantize_(fresh_tiny, QuantConfig(**cfg), calib, progress=False)
+    packed = (QuantizedLinear, QuantizedEmbedding, TiedQuantizedHead)
+    assert not any(isinstance(m, packed) for m in fresh_tiny.model.modules())  # nothing was quantized
 
 
 def test_untied_head_with_embedding_bits_fails_before_any_work(fresh_tiny, calib):
