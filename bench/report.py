@@ -84,7 +84,8 @@ def ptq(path: Path) -> str:
         a, b = utterance_errors(path.parent, r), utterance_errors(path.parent, base)
         return None if a is None or b is None else "%d / %d" % paired(a, b)
 
-    keys = ("model", "method", "bits", "group_size", "alpha", "embedding_bits", "encoder_frames", "pad_stride", "percdamp", "layers")
+    keys = ("model", "method", "bits", "group_size", "alpha", "embedding_bits", "encoder_frames", "pad_stride", "percdamp", "layers",
+            "calib", "n_calib", "seed")
     rows: dict[tuple, dict] = {}
     for r in recs:
         rows.setdefault(tuple(r.get(k) for k in keys), {})[r["data"]] = r
@@ -99,6 +100,8 @@ def ptq(path: Path) -> str:
         label = r["method"] + (f" α={r['alpha']}" if r.get("alpha") is not None else "")
         if r.get("percdamp") not in (None, 0.01):  # GPTQ's default damping is left unsaid
             label += f" damp={r['percdamp']}"
+        if r.get("seed"):  # another draw of the calibration utterances (seed 0 is left unsaid)
+            label += f" seed={r['seed']}"
         if r.get("layers"):  # only the encoder's or only the decoder's Linears quantized
             label += f", {r['layers']} only"
         frames = r.get("encoder_frames")

@@ -101,15 +101,18 @@ def test_report_pairs_a_split_with_the_rtn_of_the_same_layers_and_rewrites_only_
     report = _load_report()
     path = tmp_path / "ptq.json"
     (tmp_path / "transcripts").mkdir()
-    cells = [("rtn", None, [1, 1, 1]), ("rtn", "decoder", [5, 5, 5]), ("gptq", "decoder", [4, 4, 6])]
+    cells = [("rtn", None, None, [1, 1, 1]), ("rtn", "decoder", None, [5, 5, 5]), ("gptq", "decoder", 0, [4, 4, 6]),
+             ("gptq", "decoder", 1, [6, 6, 6])]
     results = ResultsFile(path, "ptq", option_keys=("layers",))
-    for method, layers, errs in cells:
-        t = f"transcripts/{method}-{layers}.jsonl"
+    for method, layers, seed, errs in cells:
+        t = f"transcripts/{method}-{layers}-{seed}.jsonl"
         (tmp_path / t).write_text("".join(json.dumps({"id": f"u{i}", "errors": e}) + "\n" for i, e in enumerate(errs)))
-        results.add(record(model="m", method=method, bits=4, group_size=128, layers=layers, data="s",
+        results.add(record(model="m", method=method, bits=4, group_size=128, layers=layers, seed=seed, data="s",
                            wer=sum(errs) / 30 * 100, rare_wer=0.0, n_utts=3, transcripts=t))
-    row = next(line for line in report.ptq(path).splitlines() if "decoder only" in line and "gptq" in line)
-    assert " 2 / 1 " in row  # against RTN of the decoder only (5, 5, 5), not of the whole model (1, 1, 1)
+    rows = [line for line in report.ptq(path).splitlines() if "decoder only" in line and "gptq" in line]
+    assert len(rows) == 2  # one row per calibration seed
+    assert " 2 / 1 " in rows[0]  # against RTN of the decoder only (5, 5, 5), not of the whole model (1, 1, 1)
+    assert "seed=1" in rows[1] and " 0 / 3 " in rows[1]
 
     readme = tmp_path / "README.md"
     readme.write_text(f"intro\n{report.START}\nold table\n{report.END}\nprose after\n")
