@@ -61,7 +61,19 @@ def machine_info() -> dict:
     import torch
 
     return {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__.split("+")[0],
-            "python": platform.python_version(), "platform": platform.machine()}
+            "python": platform.python_version(), "platform": platform.machine(), "cpu": cpu_model(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+
+
+def cpu_model() -> str | None:
+    """The CPU's model name: float results can differ in their last bits between CPUs (kernels differ)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
 
 
 def command_line() -> str:
@@ -131,6 +143,7 @@ class ResultsFile:
                 self.data["records"] = self.records + [r for r in on_disk if self.key(r) not in mine]
             for rec in recs:
                 rec.setdefault("command", self.data["command"])  # which run measured this cell
+                rec.setdefault("machine", self.data["machine"])  # and on what
                 k = self.key(rec)
                 self.data["records"] = [r for r in self.records if self.key(r) != k] + [rec]
             self.data["created"] = now()

@@ -60,6 +60,8 @@ def test_each_record_keeps_the_command_that_measured_it(tmp_path):
     assert {r["bits"]: r["command"] for r in saved["records"]} == {4: "python bench/ptq.py --bits 4",
                                                                   3: "python bench/ptq.py --bits 3"}
     assert saved["command"] == "python bench/ptq.py --bits 3"  # the file-level command is the latest run
+    for r in saved["records"]:  # and the machine: results can differ between CPUs
+        assert r["machine"]["cpus"] >= 1 and r["machine"]["cpu_capability"] and "torch" in r["machine"]
 
 
 def _load_report():
