@@ -1,6 +1,6 @@
 """Markdown tables for the README from the committed results files (no model runs).
 
-    python bench/report.py                     # baseline and ptq tables
+    python bench/report.py                     # baseline, ptq and ptq-rerun tables
     python bench/report.py --readme            # rewrite them in README.md between the results markers
 """
 from __future__ import annotations
@@ -74,8 +74,13 @@ def ptq(path: Path) -> str:
     recs = [r for r in d["records"] if r["speaker"] is None]
     sets = list(dict.fromkeys(r["data"] for r in recs))
     fp = {(r["model"], r["data"]): r for r in recs if r["method"] == "fp"}
-    rtn = {(r["model"], r["bits"], r["group_size"], r.get("embedding_bits"), r.get("layers"), r["data"]): r
-           for r in recs if r["method"] == "rtn"}
+    main = path.with_name("ptq.json")  # a partial rerun file is compared with the RTN cells of the main grid
+    pool = recs + ([r for r in json.loads(main.read_text())["records"] if r["speaker"] is None]
+                   if path.name != main.name and main.exists() else [])
+    rtn: dict[tuple, dict] = {}
+    for r in pool:  # the file's own RTN cells first
+        if r["method"] == "rtn":
+            rtn.setdefault((r["model"], r["bits"], r["group_size"], r.get("embedding_bits"), r.get("layers"), r["data"]), r)
 
     def vs_rtn(r: dict) -> str | None:
         base = rtn.get((r["model"], r["bits"], r["group_size"], r.get("embedding_bits"), r.get("layers"), r["data"]))
@@ -121,7 +126,8 @@ def ptq(path: Path) -> str:
     sizes = ", ".join(f"{s}: {n[s]} utterances" for s in sets)
     return "\n".join([f"Normalizer: {d['normalizer']}; {sizes}. Commands:", "", commands(d), "", md(out, header), "",
                       f"\\* timed while other work shared the CPUs (load average above {BUSY_LOAD}); "
-                      "vs RTN: utterances with fewer / more errors than RTN at the same bits, embedding bits and layers."])
+                      "vs RTN: utterances with fewer / more errors than RTN at the same bits, embedding bits and layers"
+                      + ("" if path.name == "ptq.json" else " (RTN of ptq.json where this file has none)") + "."])
 
 
 def commands(d: dict) -> str:
@@ -130,7 +136,8 @@ def commands(d: dict) -> str:
     return "```bash\n" + "\n".join(cmds) + "\n```"
 
 
-TITLES = {"baseline": "Full precision", "ptq": "Weight-only post-training quantization"}
+TITLES = {"baseline": "Full precision", "ptq": "Weight-only post-training quantization",
+          "ptq-rerun": "The same GPTQ cells again, on another machine"}
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 
 
@@ -139,7 +146,7 @@ def report(names: list[str]) -> str:
     for name in names:
         path = RESULTS / f"{name}.json"
         if path.exists():
-            title = TITLES.get(name.split("-")[0], name)
+            title = TITLES.get(name) or TITLES.get(name.split("-")[0], name)
             out += [f"### {title}: `bench/results/{name}.json`", "", baseline(path) if name.startswith("baseline") else ptq(path), ""]
     return "\n".join(out)
 
@@ -147,7 +154,7 @@ def report(names: list[str]) -> str:
 def main() -> None:
     args = sys.argv[1:]
     readme = "--readme" in args
-    text = report([a for a in args if a != "--readme"] or ["baseline", "ptq"])
+    text = report([a for a in args if a != "--readme"] or ["baseline", "ptq", "ptq-rerun"])
     if not readme:
         print(text)
         return

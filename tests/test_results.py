@@ -115,6 +115,11 @@ def test_report_pairs_a_split_with_the_rtn_of_the_same_layers_and_rewrites_only_
     assert len(rows) == 2  # one row per calibration seed
     assert " 2 / 1 " in rows[0]  # against RTN of the decoder only (5, 5, 5), not of the whole model (1, 1, 1)
     assert "seed=1" in rows[1] and " 0 / 3 " in rows[1]
+    rerun = tmp_path / "ptq-rerun.json"  # a rerun of one cell is compared with the main file's RTN
+    ResultsFile(rerun, "ptq", option_keys=("layers",)).add(record(
+        model="m", method="gptq", bits=4, group_size=128, layers="decoder", seed=0, data="s", wer=1.0, rare_wer=0.0,
+        n_utts=3, transcripts="transcripts/gptq-decoder-0.jsonl"))
+    assert " 2 / 1 " in next(line for line in report.ptq(rerun).splitlines() if "gptq" in line)
 
     readme = tmp_path / "README.md"
     readme.write_text(f"intro\n{report.START}\nold table\n{report.END}\nprose after\n")
