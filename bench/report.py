@@ -141,10 +141,13 @@ TITLES = {"baseline": "Full precision", "ptq": "Weight-only post-training quanti
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 
 
-def report(names: list[str]) -> str:
+def report(names: list[str], required: bool = True) -> str:
+    """The tables of bench/results/NAME.json for each name; a missing file is an error unless not required."""
     out = []
     for name in names:
         path = RESULTS / f"{name}.json"
+        if not path.exists() and required:
+            raise SystemExit(f"{path}: no such results file (run its benchmark first)")
         if path.exists():
             title = TITLES.get(name) or TITLES.get(name.split("-")[0], name)
             out += [f"### {title}: `bench/results/{name}.json`", "", baseline(path) if name.startswith("baseline") else ptq(path), ""]
@@ -154,7 +157,8 @@ def report(names: list[str]) -> str:
 def main() -> None:
     args = sys.argv[1:]
     readme = "--readme" in args
-    text = report([a for a in args if a != "--readme"] or ["baseline", "ptq", "ptq-rerun"])
+    names = [a for a in args if a != "--readme"]
+    text = report(names or ["baseline", "ptq", "ptq-rerun"], required=bool(names))
     if not readme:
         print(text)
         return
@@ -163,7 +167,7 @@ def main() -> None:
     if doc.count(START) != 1 or doc.count(END) != 1 or doc.index(START) > doc.index(END):
         raise SystemExit(f"{path}: needs one {START} line before one {END} line")
     head, rest = doc.split(START)
-    atomic_write_text(path, head + START + "\n" + text + END + rest.split(END, 1)[1])
+    atomic_write_text(path, head + START + "\n" + text + "\n" + END + rest.split(END, 1)[1])
     print(f"rewrote the tables in {path}")
 
 

@@ -133,3 +133,6 @@ def test_report_pairs_a_split_with_the_rtn_of_the_same_layers_and_rewrites_only_
     readme.write_text("no markers\n")
     with pytest.raises(SystemExit):
         report.main()
+    monkeypatch.setattr("sys.argv", ["report.py", "ptq-typo"])
+    with pytest.raises(SystemExit, match="ptq-typo.json: no such results file"):
+        report.main()
