@@ -1,12 +1,16 @@
 """Markdown tables for the README from the committed results files (no model runs).
 
-    python bench/report.py                     # baseline, ptq and ptq-rerun tables
+    python bench/report.py                     # baseline and ptq tables
     python bench/report.py --readme            # rewrite them in README.md between the results markers
+    python bench/report.py ptq-greedy --decoding greedy   # an archived file
+
+Recipes calibrated with several seeds are one row: WER as mean ± std over seeds, and paired comparisons of the
+seed-mean model (per-utterance errors averaged over seeds) with RTN and full precision: the WER difference
+with a 95 % paired bootstrap interval over utterances (quasr.stats) and the utterances better / worse.
 """
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 from quasr.results import atomic_write_text
@@ -25,14 +29,16 @@ def md(rows: list[list], header: list[str]) -> str:
     return "\n".join(out)
 
 
-def baseline(path: Path) -> str:
+def baseline(path: Path, decoding: str | None = None) -> str:
     d = json.loads(path.read_text())
-    recs = d["records"]
+    recs = one_decoding(d["records"], path, decoding)
     sets = [r for r in recs if r["speaker"] is None]
     rows = [[r["model"], r["data"], r["n_utts"], r["n_words"], r["wer"], r["n_rare_words"], r["rare_wer"],
-             r["sec_per_utt"]] for r in sets]
-    out = [f"`{d['command']}` (normalizer: {d['normalizer']}, torch threads: {d['machine'].get('torch_threads')})", "",
-           md(rows, ["model", "set", "utts", "words", "WER %", "rare words", "rare-WER %", "s/utt"])]
+             r.get("n_fallback_windows"), r["sec_per_utt"]] for r in sets]
+    dec = next(iter({str(r.get("decoding")) for r in recs}), None)
+    out = [f"`{d['command']}` (decoding: {dec}, normalizer: {d['normalizer']}, torch threads: "
+           f"{d['machine'].get('torch_threads')})", "",
+           md(rows, ["model", "set", "utts", "words", "WER %", "rare words", "rare-WER %", "fell back", "s/utt"])]
     spk = [r for r in recs if r["speaker"] is not None and r["data"].startswith("tts")]
     if spk:
         models = sorted({r["model"] for r in spk})
@@ -44,6 +50,9 @@ def baseline(path: Path) -> str:
 
 
 BUSY_LOAD = 2.5  # a 1-minute load average above this on the 2-core machines means other work shared the CPUs
+SEED_KEYS = ("seed",)  # what varies between the records of one recipe
+RECIPE_KEYS = ("model", "method", "bits", "group_size", "alpha", "embedding_bits", "encoder_frames", "pad_stride",
+               "percdamp", "layers", "calib", "n_calib", "decoding")
 
 
 def timed(x: float | None, busy: bool) -> str | None:
@@ -54,80 +63,183 @@ def timed(x: float | None, busy: bool) -> str | None:
 def paired(a: dict[str, int], b: dict[str, int]) -> tuple[int, int]:
     """Per-utterance errors of two models on the same utterances -> (utterances where a has fewer errors than
     b, utterances where it has more). Unlike a WER difference, one runaway utterance counts once."""
+    from quasr.stats import better_worse
+
     if a.keys() != b.keys():
         raise ValueError("paired comparison needs the same utterances on both sides")
-    return sum(a[k] < b[k] for k in a), sum(a[k] > b[k] for k in a)
+    return better_worse([a[k] for k in a], [b[k] for k in a])
 
 
-def utterance_errors(results_dir: Path, rec: dict) -> dict[str, int] | None:
-    """{utterance id: errors} from the transcript file a record names, or None if it names none."""
+def utterance_errors(results_dir: Path, rec: dict) -> dict[str, tuple[int, int]] | None:
+    """{utterance id: (errors, reference words)} from the transcript file a record names, or None if it names
+    none."""
     if not rec.get("transcripts"):
         return None
     lines = (results_dir / rec["transcripts"]).read_text().splitlines()
-    return {u["id"]: u["errors"] for u in map(json.loads, lines)}
+    return {u["id"]: (u["errors"], u.get("n_ref", 0)) for u in map(json.loads, lines)}
 
 
-def ptq(path: Path) -> str:
-    """One row per recipe: WER and rare-WER on each test set side by side, cost and size, and a paired
-    per-utterance comparison with RTN at the same bits, group size, embedding bits and layers."""
-    d = json.loads(path.read_text())
-    recs = [r for r in d["records"] if r["speaker"] is None]
-    sets = list(dict.fromkeys(r["data"] for r in recs))
-    fp = {(r["model"], r["data"]): r for r in recs if r["method"] == "fp"}
-    main = path.with_name("ptq.json")  # a partial rerun file is compared with the RTN cells of the main grid
-    pool = recs + ([r for r in json.loads(main.read_text())["records"] if r["speaker"] is None]
-                   if path.name != main.name and main.exists() else [])
-    rtn: dict[tuple, dict] = {}
-    for r in pool:  # the file's own RTN cells first
-        if r["method"] == "rtn":
-            rtn.setdefault((r["model"], r["bits"], r["group_size"], r.get("embedding_bits"), r.get("layers"), r["data"]), r)
+def one_decoding(recs: list[dict], path: Path, decoding: str | None = None) -> list[dict]:
+    """The records of one decoding policy: `decoding` if given, else the file's only one; a file that mixes
+    policies needs `decoding` (a table never compares two decodings)."""
+    names = sorted({str(r.get("decoding")) for r in recs})
+    if decoding is not None:
+        if decoding not in names:
+            raise SystemExit(f"{path}: no records with decoding {decoding!r} (it has {', '.join(names)})")
+        return [r for r in recs if str(r.get("decoding")) == decoding]
+    if len(names) > 1:
+        raise SystemExit(f"{path}: records mix decodings ({', '.join(names)}); a table compares one decoding: "
+                         f"pass --decoding NAME")
+    return recs
 
-    def vs_rtn(r: dict) -> str | None:
-        base = rtn.get((r["model"], r["bits"], r["group_size"], r.get("embedding_bits"), r.get("layers"), r["data"]))
-        if r["method"] in ("fp", "rtn") or base is None:
+
+class Recipe:
+    """The records of one recipe on one set, one per calibration seed, and their per-utterance errors."""
+
+    def __init__(self, recs: list[dict], results_dir: Path):
+        self.recs = sorted(recs, key=lambda r: (r.get("seed") is None, r.get("seed") or 0))
+        per_seed = [utterance_errors(results_dir, r) for r in self.recs]
+        self.utts = None if any(u is None for u in per_seed) else per_seed
+
+    def mean_std(self, key: str):
+        from quasr.stats import mean_std
+
+        return mean_std([r.get(key) for r in self.recs])
+
+    def mean_errors(self) -> dict[str, tuple[float, int]] | None:
+        """{id: (errors averaged over seeds, reference words)}: the seed-mean model, for paired comparisons."""
+        if not self.utts:
             return None
-        a, b = utterance_errors(path.parent, r), utterance_errors(path.parent, base)
-        return None if a is None or b is None else "%d / %d" % paired(a, b)
+        ids = list(self.utts[0])
+        for u in self.utts[1:]:
+            if u.keys() != self.utts[0].keys():
+                raise SystemExit("records of one recipe were scored on different utterances")
+        return {i: (sum(u[i][0] for u in self.utts) / len(self.utts), self.utts[0][i][1]) for i in ids}
 
-    keys = ("model", "method", "bits", "group_size", "alpha", "embedding_bits", "encoder_frames", "pad_stride", "percdamp", "layers",
-            "calib", "n_calib", "seed")
-    rows: dict[tuple, dict] = {}
+
+def compare(a: Recipe, b: Recipe | None, resamples: int) -> tuple[str | None, str | None]:
+    """(Δ WER of a − b with its paired bootstrap 95 % interval over utterances, "better / worse" utterances);
+    a dagger marks an interval that excludes zero."""
+    from quasr.stats import align_utterances, better_worse, paired_bootstrap
+
+    if b is None or a is b:
+        return None, None
+    ea, eb = a.mean_errors(), b.mean_errors()
+    if ea is None or eb is None:
+        return None, None
+    ids = align_utterances(ea, eb, "report")
+    ci = paired_bootstrap([ea[i][0] for i in ids], [eb[i][0] for i in ids], [eb[i][1] for i in ids],
+                          resamples=resamples)
+    bw = better_worse([ea[i][0] for i in ids], [eb[i][0] for i in ids])
+    return f"{ci}" + (" †" if ci.excludes_zero else ""), f"{bw[0]} / {bw[1]}"
+
+
+def pm(m, sd) -> str | None:
+    if m is None:
+        return None
+    return f"{m:.2f}" + (f" ± {sd:.2f}" if sd is not None else "")
+
+
+def ptq(path: Path, decoding: str | None = None, resamples: int = 10_000) -> str:
+    """Three tables per results file, one row per recipe (its calibration seeds pooled):
+    accuracy (WER and rare-WER as mean ± std over seeds, fallback windows), paired comparisons with RTN at the
+    same bits, group size, embedding bits and layers and with full precision (Δ WER of the seed-mean model with a
+    95 % paired bootstrap interval over utterances, utterances better / worse), and cost."""
+    d = json.loads(path.read_text())
+    recs = one_decoding([r for r in d["records"] if r["speaker"] is None], path, decoding)
+    sets = list(dict.fromkeys(r["data"] for r in recs))
+    groups: dict[tuple, dict[str, list[dict]]] = {}
     for r in recs:
-        rows.setdefault(tuple(r.get(k) for k in keys), {})[r["data"]] = r
+        groups.setdefault(tuple(r.get(k) for k in RECIPE_KEYS), {}).setdefault(r["data"], []).append(r)
+    recipes = {key: {s: Recipe(rs, path.parent) for s, rs in by_set.items()} for key, by_set in groups.items()}
+    main = path.with_name("ptq.json")  # a partial file is compared with the RTN and FP cells of the main grid
+    if path.name != main.name and main.exists():
+        for r in one_decoding([r for r in json.loads(main.read_text())["records"] if r["speaker"] is None], main,
+                              next(iter({str(x.get("decoding")) for x in recs}), None)):
+            if r["method"] in ("fp", "rtn"):
+                key = tuple(r.get(k) for k in RECIPE_KEYS)
+                if key not in groups:
+                    recipes.setdefault(key, {}).setdefault(r["data"], Recipe([r], main.parent))
+
+    def ref(key: tuple, method: str, s: str) -> Recipe | None:
+        k = dict(zip(RECIPE_KEYS, key))
+        for other, by_set in recipes.items():
+            o = dict(zip(RECIPE_KEYS, other))
+            if o["method"] != method or o["model"] != k["model"] or s not in by_set:
+                continue
+            if method == "fp" or all(o[x] == k[x] for x in ("bits", "group_size", "embedding_bits", "layers")):
+                return by_set[s]
+        return None
+
     models = list(dict.fromkeys(r["model"] for r in recs))
-    out = []
-    # per model: full precision, then the widest weights first; run order within (the sort is stable)
-    for key, by_set in sorted(rows.items(), key=lambda kv: (models.index(kv[0][0]), -(kv[0][2] or 99))):
-        r = next(iter(by_set.values()))
-        busy = max(x.get("load_avg") or 0 for x in by_set.values()) > BUSY_LOAD
-        speeds = [fp[(r["model"], s)]["sec_per_utt"] / by_set[s]["sec_per_utt"] for s in by_set
-                  if (r["model"], s) in fp and by_set[s].get("sec_per_utt")]
-        label = r["method"] + (f" α={r['alpha']}" if r.get("alpha") is not None else "")
-        if r.get("percdamp") not in (None, 0.01):  # GPTQ's default damping is left unsaid
-            label += f" damp={r['percdamp']}"
-        if r.get("seed"):  # another draw of the calibration utterances (seed 0 is left unsaid)
-            label += f" seed={r['seed']}"
-        if r.get("layers"):  # only the encoder's or only the decoder's Linears quantized
-            label += f", {r['layers']} only"
-        frames = r.get("encoder_frames")
-        if frames == "window" and r.get("pad_stride"):
-            frames += f"/{r['pad_stride']}"
-        out.append([r["model"], label, r["bits"] and f"W{r['bits']}G{r['group_size']}", r.get("embedding_bits"), frames]
-                   + [by_set[s]["wer"] if s in by_set else None for s in sets]
-                   + [by_set[s]["rare_wer"] if s in by_set else None for s in sets]
-                   + [vs_rtn(by_set[s]) if s in by_set else None for s in sets]
-                   + [timed(r.get("quant_seconds"), busy), r.get("peak_rss_mb"), r.get("size_mb"), r.get("bits_per_weight"),
-                      timed(sum(speeds) / len(speeds), busy) if speeds else None])
+    own = [k for k in recipes if k in groups]
+    order = sorted(own, key=lambda k: (models.index(k[0]), -(k[2] or 99)))
+    acc, pair, cost = [], [], []
+    fp_speed = {(k[0], s): rec.mean_std("sec_per_utt")[0] for k, by in recipes.items() if k[1] == "fp"
+                for s, rec in by.items()}
+    for key in order:
+        k = dict(zip(RECIPE_KEYS, key))
+        by_set = recipes[key]
+        first = next(iter(by_set.values()))
+        seeds = sorted({r.get("seed") for rec in by_set.values() for r in rec.recs if r.get("seed") is not None})
+        label = label_of(k)
+        weights = k["bits"] and f"W{k['bits']}G{k['group_size']}"
+        head = [k["model"], label, weights]
+        acc.append(head + [",".join(map(str, seeds)) or "-"]
+                   + [pm(*by_set[s].mean_std("wer")[:2]) if s in by_set else None for s in sets]
+                   + [pm(*by_set[s].mean_std("rare_wer")[:2]) if s in by_set else None for s in sets]
+                   + [pm(*by_set[s].mean_std("n_fallback_windows")[:2]) if s in by_set else None for s in sets])
+        if k["method"] != "fp":
+            cells = []
+            for s in sets:
+                rec = by_set.get(s)
+                vr = compare(rec, ref(key, "rtn", s), resamples) if rec and k["method"] != "rtn" else (None, None)
+                vf = compare(rec, ref(key, "fp", s), resamples) if rec else (None, None)
+                cells += [vr[0], vr[1], vf[0], vf[1]]
+            pair.append(head + [",".join(map(str, seeds)) or "-"] + cells)
+        busy = max(r.get("load_avg") or 0 for rec in by_set.values() for r in rec.recs) > BUSY_LOAD
+        speeds = [fp_speed[(k["model"], s)] / by_set[s].mean_std("sec_per_utt")[0] for s in by_set
+                  if fp_speed.get((k["model"], s)) and by_set[s].mean_std("sec_per_utt")[0]]
+        q = first.mean_std("quant_seconds")
+        cost.append(head + [pm(q[0], q[1]) if q[0] is not None else None, first.mean_std("peak_rss_mb")[0],
+                            first.recs[0].get("size_mb"), first.recs[0].get("bits_per_weight"),
+                            timed(sum(speeds) / len(speeds), busy) if speeds else None]
+                    + [timed(by_set[s].mean_std("sec_per_utt")[0], busy) if s in by_set else None for s in sets])
     n = {s: next(r["n_utts"] for r in recs if r["data"] == s) for s in sets}
-    header = (["model", "method", "weights", "emb bits", "calib frames"] + [f"WER {s} %" for s in sets]
-              + [f"rare-WER {s} %" for s in sets]
-              + [f"vs RTN {s}: utts better / worse" for s in sets]
-              + ["quant s", "peak RSS MB", "ckpt MB", "bits/weight", "speed vs fp"])
+    dec = next(iter({str(r.get("decoding")) for r in recs}), None)
     sizes = ", ".join(f"{s}: {n[s]} utterances" for s in sets)
-    return "\n".join([f"Normalizer: {d['normalizer']}; {sizes}. Commands:", "", commands(d), "", md(out, header), "",
-                      f"\\* timed while other work shared the CPUs (load average above {BUSY_LOAD}); "
-                      "vs RTN: utterances with fewer / more errors than RTN at the same bits, embedding bits and layers"
-                      + ("" if path.name == "ptq.json" else " (RTN of ptq.json where this file has none)") + "."])
+    fmt_int = lambda rows: [[round(c) if isinstance(c, float) and i == 4 else c for i, c in enumerate(r)] for r in rows]  # noqa: E731
+    out = [f"Decoding: {dec}; normalizer: {d['normalizer']}; {sizes}. Commands:", "", commands(d), "",
+           "Accuracy (mean ± standard deviation over calibration seeds; fell back: windows decoded again at a higher "
+           "temperature):", "",
+           md(acc, ["model", "method", "weights", "seeds"] + [f"WER {s} %" for s in sets]
+              + [f"rare-WER {s} %" for s in sets] + [f"fell back {s}" for s in sets]), "",
+           "Paired comparisons (Δ WER in points of the seed-mean model, 95 % bootstrap interval over utterances, "
+           f"{resamples:,} resamples; † the interval excludes zero; utterances with fewer / more errors):", "",
+           md(pair, ["model", "method", "weights", "seeds"]
+              + [c for s in sets for c in (f"Δ vs RTN {s}", f"vs RTN {s}: better / worse", f"Δ vs FP {s}",
+                                           f"vs FP {s}: better / worse")]), "",
+           "Cost:", "",
+           md(fmt_int(cost), ["model", "method", "weights", "quant s", "peak RSS MB", "ckpt MB", "bits/weight",
+                              "speed vs fp"] + [f"s/utt {s}" for s in sets]), "",
+           f"\\* timed while other work shared the CPUs (load average above {BUSY_LOAD})."]
+    return "\n".join(out)
+
+
+def label_of(k: dict) -> str:
+    label = k["method"] + (f" α={k['alpha']}" if k.get("alpha") is not None else "")
+    if k.get("percdamp") not in (None, 0.01):  # GPTQ's default damping is left unsaid
+        label += f" damp={k['percdamp']}"
+    if k.get("layers"):  # only the encoder's or only the decoder's Linears quantized
+        label += f", {k['layers']} only"
+    if k["method"] != "fp" and k.get("embedding_bits") != 8:  # 8 bits per row is the default
+        label += ", emb fp32" if k.get("embedding_bits") is None else f", emb {k['embedding_bits']}"
+    frames = k.get("encoder_frames")
+    if frames == "speech":
+        label += ", speech frames"
+    elif frames == "window" and k.get("pad_stride") not in (None, 4):
+        label += f", pad stride {k['pad_stride']}"
+    return label
 
 
 def commands(d: dict) -> str:
@@ -136,12 +248,12 @@ def commands(d: dict) -> str:
     return "```bash\n" + "\n".join(cmds) + "\n```"
 
 
-TITLES = {"baseline": "Full precision", "ptq": "Weight-only post-training quantization",
-          "ptq-rerun": "The same GPTQ cells again, on another machine"}
+TITLES = {"baseline": "Full precision", "ptq": "Weight-only post-training quantization"}
 START, END = "<!-- results:start -->", "<!-- results:end -->"
+DEFAULT = ["baseline", "ptq"]
 
 
-def report(names: list[str], required: bool = True) -> str:
+def report(names: list[str], required: bool = True, decoding: str | None = None, resamples: int = 10_000) -> str:
     """The tables of bench/results/NAME.json for each name; a missing file is an error unless not required."""
     out = []
     for name in names:
@@ -150,16 +262,24 @@ def report(names: list[str], required: bool = True) -> str:
             raise SystemExit(f"{path}: no such results file (run its benchmark first)")
         if path.exists():
             title = TITLES.get(name) or TITLES.get(name.split("-")[0], name)
-            out += [f"### {title}: `bench/results/{name}.json`", "", baseline(path) if name.startswith("baseline") else ptq(path), ""]
+            body = baseline(path, decoding) if name.startswith("baseline") else ptq(path, decoding, resamples)
+            out += [f"### {title}: `bench/results/{name}.json`", "", body, ""]
     return "\n".join(out)
 
 
 def main() -> None:
-    args = sys.argv[1:]
-    readme = "--readme" in args
-    names = [a for a in args if a != "--readme"]
-    text = report(names or ["baseline", "ptq", "ptq-rerun"], required=bool(names))
-    if not readme:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("names", nargs="*", help=f"results files by name (default: {' '.join(DEFAULT)})")
+    ap.add_argument("--readme", action="store_true", help="rewrite the tables in README.md between the markers")
+    ap.add_argument("--decoding", default=None, help="the decoding policy to report, for files that hold several")
+    ap.add_argument("--resamples", type=int, default=10_000, help="bootstrap resamples of each paired interval")
+    args = ap.parse_args()
+    if args.resamples <= 0:
+        raise SystemExit(f"--resamples must be a positive number, got {args.resamples}")
+    text = report(args.names or DEFAULT, required=bool(args.names), decoding=args.decoding, resamples=args.resamples)
+    if not args.readme:
         print(text)
         return
     path = README

@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 from quasr.data import Dataset, load_source
+from quasr.decoding import Decoding
 from quasr.evaluate import SetResult, evaluate, to_records
 from quasr.models.base import AsrModel
 from quasr.results import ResultsFile, atomic_write_text, record
@@ -26,29 +27,38 @@ def dataset(spec: str, limit: int | None) -> Dataset:
 
 
 def transcripts_path(results: ResultsFile, recipe: dict, data: str) -> Path:
-    """One file per cell, named by every key of the cell that is set (options such as alpha included)."""
+    """One file per cell, named by every key of the cell that is set (options such as alpha and the decoding
+    included)."""
     parts = [f"{k}={recipe[k]}" if k not in ("model", "method") else str(recipe[k])
              for k in results.keys if recipe.get(k) is not None and k not in ("data", "speaker")]
     name = "-".join(parts + [data]).replace("/", "_").replace(":", "_")
     return results.path.parent / "transcripts" / f"{results.path.stem}-{name}.jsonl"
 
 
+TRANSCRIPT_KEYS = ("id", "speaker", "ref", "hyp", "errors", "n_ref", "rare_words", "rare_errors", "windows",
+                   "fallbacks", "fallback_windows", "skipped_windows", "temperature")
+
+
 def eval_cell(results: ResultsFile, model: AsrModel, data: str, limit: int | None, recipe: dict,
-              extra: dict | None = None, progress: bool = True) -> list[dict] | None:
-    """Evaluate one (recipe, data) cell unless it is already in `results`; returns its new records."""
+              extra: dict | None = None, progress: bool = True, decoding: Decoding | None = None,
+              batch_size: int = 8) -> list[dict] | None:
+    """Evaluate one (recipe, data) cell with a decoding policy (default standard) unless it is already in
+    `results`; returns its new records."""
+    decoding = decoding or Decoding()
+    recipe = dict(recipe, decoding=decoding.label)
     if results.done(record(**recipe, data=data, speaker=None)):
         return None
     ds = dataset(data, limit)
     load_before = os.getloadavg()[0]
-    [res] = evaluate(model, [ds], progress=progress)
+    [res] = evaluate(model, [ds], batch_size=batch_size, decoding=decoding, progress=progress)
     # other work on the machine slows transcription: the 1-minute load average is kept beside the timing
     load = {"load_avg": round(max(load_before, os.getloadavg()[0]), 2)}
     path = transcripts_path(results, recipe, data)
     # each record names its transcript file (relative to the results file), for paired per-utterance comparisons
     recs = [dict(r, **load, **(extra or {}), transcripts=str(path.relative_to(results.path.parent)))
             for r in to_records([res], **recipe)]
-    atomic_write_text(path, "".join(json.dumps({k: u[k] for k in ("id", "speaker", "ref", "hyp", "errors", "n_ref")},
-                                               ensure_ascii=False) + "\n" for u in res.utterances))
+    atomic_write_text(path, "".join(json.dumps({k: u[k] for k in TRANSCRIPT_KEYS if k in u}, ensure_ascii=False) + "\n"
+                                        for u in res.utterances))
     results.add(*recs)
     return recs
 

@@ -26,9 +26,7 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import struct
-import tempfile
 from pathlib import Path
 
 import torch
@@ -169,6 +167,20 @@ def _new_module(name: str, spec: dict, modules: dict[str, torch.nn.Module], devi
 # ---------------------------------------------------------------------------------------------- save
 
 
+def check_target(out_dir: str | Path, what: str = "checkpoint") -> Path:
+    """Fail now, before any long work, if a checkpoint cannot be written at `out_dir`: an existing file, a
+    non-empty directory that is not a quasr checkpoint, or a place that cannot be written (`what` names the
+    option in the message)."""
+    from quasr.results import check_writable
+
+    out_dir = Path(out_dir).expanduser().absolute()
+    try:
+        _check_replaceable(out_dir)
+    except CheckpointError as e:
+        raise CheckpointError(f"{what} {e}") from None
+    return check_writable(out_dir, what, kind="dir")
+
+
 def _check_replaceable(out_dir: Path) -> None:
     if not out_dir.exists():
         return
@@ -216,7 +228,7 @@ def save(asr, out_dir: str | Path, recipe: dict | None = None, *, fp_dtype: torc
     that are not quantized (loaded back into float32); float32 by default."""
     from safetensors.torch import save_file
 
-    from quasr.results import now, replace_dir
+    from quasr.results import now, staged_dir
 
     if fp_dtype not in _DTYPES.values():
         raise CheckpointError(f"fp_dtype must be one of {', '.join(_DTYPES)}, got {fp_dtype}")
@@ -232,10 +244,7 @@ def save(asr, out_dir: str | Path, recipe: dict | None = None, *, fp_dtype: torc
     tensors, aliases, _ = _collect_tensors(model, fp_dtype)
     tied_head = any(e["kind"] == "tied_head" for e in modules.values())
 
-    parent = out_dir.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=parent))
-    try:
+    with staged_dir(out_dir) as tmp:
         config = copy.deepcopy(model.config)
         if tied_head:  # the modules hold the tie in memory (see replace_tied_embedding); the architecture is tied
             config.tie_word_embeddings = True
@@ -244,8 +253,9 @@ def save(asr, out_dir: str | Path, recipe: dict | None = None, *, fp_dtype: torc
             model.generation_config.save_pretrained(tmp)
         asr.processor.save_pretrained(tmp)
         weights = tmp / WEIGHTS
-        save_file(tensors, str(weights), metadata={"format": "pt", "quasr_format": FORMAT,
-                                                   "quasr_format_version": str(FORMAT_VERSION)})
+        # one metadata key: safetensors writes several in a random order, and the same weights would then give
+        # different file bytes (and sha256) from run to run; the format is recorded in the manifest
+        save_file(tensors, str(weights), metadata={"format": "pt"})
         manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -263,11 +273,7 @@ def save(asr, out_dir: str | Path, recipe: dict | None = None, *, fp_dtype: torc
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
         _fsync_tree(tmp)
-        replace_dir(tmp, out_dir)
-        _fsync_dir(parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    _fsync_dir(out_dir.parent)
     return out_dir
 
 
@@ -451,6 +457,12 @@ def load(path: str | Path, verify: bool = True):
     return asr
 
 
+def verify(path: str | Path) -> None:
+    """Check a checkpoint as `load` does (manifest, sha256 of the weights, every tensor against the config,
+    the tokenizer files), without keeping the model; raises CheckpointError naming the file at fault."""
+    load(path, verify=True)
+
+
 def _uniform(entries: list[dict], key: str):
     values = {e.get(key) for e in entries}
     return values.pop() if len(values) == 1 else None
@@ -495,6 +507,7 @@ def info(path: str | Path) -> dict:
         "n_quantized": groups["linear"]["modules"] + groups["embedding"]["modules"],
         "fp": {"tensors": len(fp_keys), "bytes": sum(nbytes(k) for k in fp_keys), "dtype": manifest.get("fp_dtype")},
         "file_mb": (f.stat().st_size / 1e6) if f.exists() else None,
+        "sha256": (manifest["files"].get(WEIGHTS) or {}).get("sha256"),
         "dir_mb": sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 1e6,
     }
     for kind, g in groups.items():

@@ -1,4 +1,8 @@
-"""The `quasr` command line."""
+"""The `quasr` command line.
+
+Every command checks what it can before any long work (options, output paths, speech sources, the model
+spec) and reports a problem as one line naming the option, file, line, utterance or layer, with exit code 2.
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,21 +17,50 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 DATA_HELP = ("Speech source (repeatable): a manifest .jsonl, asterisk[:test|:calib|:all], tts[:test|:calib], "
              "or hf:NAME[:SPLIT][?config=C&audio=COL&text=COL&speaker=COL]")
+GROUP_HELP = "Columns per scale group; 0 = one group per output channel"
+DECODING_HELP = ("standard (openai-whisper's defaults: temperature fallback, no-speech check, timestamps), "
+                 "greedy (one pass, no fallback), or beamN (standard with beam search of width N)")
+TEMPERATURES_HELP = "Fallback temperatures, comma-separated (default for standard: 0,0.2,0.4,0.6,0.8,1)"
+MAX_SKIPPED_SHOWN = 20
 
 
 @app.callback()
 def _root() -> None:
     """quasr: quantize speech recognition models and measure what it cost."""
+    from quasr import numerics
+
+    try:
+        # before torch is imported: the same results on every AVX2 machine (quasr.numerics); called in-process
+        # after torch (as by tests), it changes nothing and every record says "native"
+        numerics.pin(warn=False)
+    except QuasrError as e:
+        _fail(e)
 
 
 def _fail(e: Exception) -> None:
     from quasr.progress import console
 
-    console.print(f"[bold red]error:[/] {e}")
+    option = getattr(e, "option", None)
+    msg = f"--{option.replace('_', '-')}: {e}" if option else str(e)
+    console.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 
+def _positive(option: str, value: int | None) -> None:
+    from quasr.errors import UsageError
+
+    if value is not None and value <= 0:
+        raise UsageError(f"{option} must be a positive integer, got {value}")
+
+
+def _decoding(name: str, temperatures: Optional[str], seed: int):
+    from quasr.decoding import parse_decoding
+
+    return parse_decoding(name, temperatures, seed)
+
+
 def _load_sets(data: list[str], limit: Optional[int], skip_bad: bool):
+    """Load every speech source, reporting each one's size and every skipped item (with its reason)."""
     from quasr.data import load_source
     from quasr.errors import DataError
     from quasr.progress import console
@@ -42,9 +75,29 @@ def _load_sets(data: list[str], limit: Optional[int], skip_bad: bool):
         ds = load_source(spec, limit=limit, skip_bad=skip_bad)
         note = f", {len(ds.skipped)} skipped" if ds.skipped else ""
         excl = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in ds.excluded.items() if v)
-        console.print(f"{ds.name}: {len(ds)} utterances{note}" + (f" (excluded by design: {excl})" if excl else ""))
+        console.print(f"{ds.name}: {len(ds)} utterances{note}" + (f" (excluded by design: {excl})" if excl else ""),
+                      highlight=False)
+        for _, why in ds.skipped[:MAX_SKIPPED_SHOWN]:
+            console.print(f"  [yellow]skipped[/] {why}", highlight=False, soft_wrap=True)
+        if len(ds.skipped) > MAX_SKIPPED_SHOWN:
+            console.print(f"  ... and {len(ds.skipped) - MAX_SKIPPED_SHOWN} more skipped items")
         sets.append(ds)
     return sets
+
+
+def _checkpoint_recipe(asr) -> dict:
+    """The recipe keys of a loaded model for results records (a checkpoint's calibration recipe included)."""
+    recipe = dict(model=asr.name, method=getattr(asr, "method", "fp"), bits=getattr(asr, "bits", None),
+                  group_size=getattr(asr, "group_size", None))
+    q = getattr(asr, "recipe", None) or {}
+    if q.get("n_calib"):  # a checkpoint: its calibration recipe goes into every record
+        calib = q.get("calib")
+        recipe.update(calib="+".join(calib) if isinstance(calib, list) else calib, n_calib=q["n_calib"],
+                      seed=q.get("seed"), alpha=q.get("alpha"), encoder_frames=q.get("encoder_frames"),
+                      pad_stride=q.get("pad_stride"))
+    if q:
+        recipe["embedding_bits"] = q.get("embedding_bits")
+    return recipe
 
 
 @app.command("eval")
@@ -53,8 +106,10 @@ def eval_cmd(
     data: list[str] = typer.Option(["asterisk:test"], "--data", "-d", help=DATA_HELP),
     limit: Optional[int] = typer.Option(None, "--limit", "-n", help="Keep N utterances per set, spread evenly"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write results JSON here"),
+    decoding: str = typer.Option("standard", help=DECODING_HELP),
+    temperatures: Optional[str] = typer.Option(None, help=TEMPERATURES_HELP),
+    decode_seed: int = typer.Option(0, help="Seed of the sampled fallback decodes"),
     batch_size: int = typer.Option(8, help="Utterances per decoding batch"),
-    beams: int = typer.Option(1, help="Beam width (1 = greedy)"),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable items (counted, reported)"),
     progress: bool = typer.Option(True, help="Show progress bars"),
 ):
@@ -64,31 +119,24 @@ def eval_cmd(
         from quasr.metrics import NORMALIZER
         from quasr.models import load_model
         from quasr.models.whisper import quiet_transformers
-        from quasr.results import command_line, machine_info, now, write_json
+        from quasr.results import check_writable, command_line, machine_info, now, write_json
 
+        dec = _decoding(decoding, temperatures, decode_seed)
+        _positive("--batch-size", batch_size)
+        if out:
+            check_writable(out, "--out")
         quiet_transformers()
         sets = _load_sets(data, limit, skip_bad)
         asr = load_model(model)
-        results = evaluate(asr, sets, batch_size=batch_size, num_beams=beams, progress=progress)
-        recipe = dict(model=asr.name, method=getattr(asr, "method", "fp"), bits=getattr(asr, "bits", None),
-                      group_size=getattr(asr, "group_size", None))
-        q = getattr(asr, "recipe", None) or {}
-        if q.get("n_calib"):  # a checkpoint: its calibration recipe goes into every record
-            calib = q.get("calib")
-            recipe.update(calib="+".join(calib) if isinstance(calib, list) else calib, n_calib=q["n_calib"],
-                          seed=q.get("seed"), alpha=q.get("alpha"), encoder_frames=q.get("encoder_frames"),
-                          pad_stride=q.get("pad_stride"))
-        if q:
-            recipe["embedding_bits"] = q.get("embedding_bits")
-        print_tables(results, title=f"{asr.name} ({'greedy' if beams == 1 else f'beam {beams}'}, normalizer {NORMALIZER})")
+        results = evaluate(asr, sets, batch_size=batch_size, decoding=dec, progress=progress)
+        print_tables(results, title=f"{asr.name} ({dec.label} decoding, normalizer {NORMALIZER})")
         if out:
             write_json(out, {
                 "benchmark": "eval", "created": now(), "command": command_line(), "normalizer": NORMALIZER,
                 "machine": machine_info(),
-                "recipe": {"model": asr.name, "spec": model, "decoding": "greedy" if beams == 1 else f"beam{beams}",
-                           "batch_size": batch_size, "limit": limit, "data": data,
-                           **getattr(asr, "recipe", {})},
-                "records": to_records(results, **recipe),
+                "recipe": {"model": asr.name, "spec": model, "decoding": dec.to_dict(), "batch_size": batch_size,
+                           "limit": limit, "data": data, **getattr(asr, "recipe", {})},
+                "records": to_records(results, **_checkpoint_recipe(asr)),
                 "skipped": {r.data: [{"item": i, "reason": why} for i, why in r.skipped] for r in results},
                 "utterances": {r.data: r.utterances for r in results},
             })
@@ -112,6 +160,28 @@ def _calibration(calib: list[str], n_calib: int, seed: int, skip_bad: bool):
     return sorted(random.Random(seed).sample(pool, n_calib), key=lambda u: u.id)
 
 
+def _quant_config(method: str, bits: int, group_size: int, alpha, embedding_bits: int, n_calib: int, **kw):
+    """The QuantConfig of the command-line options, checked (errors name the option) before any work."""
+    from quasr.methods import get_method
+    from quasr.quantize import MIN_CALIB, QuantConfig
+    from quasr.quant.grid import QuantConfigError
+
+    # the command line's own conventions (0 = per channel, 0 = full-precision embedding) are checked here
+    if group_size < 0:
+        raise QuantConfigError(f"must be a positive number of columns, or 0 for one group per output channel; got "
+                               f"{group_size}", option="group_size")
+    if embedding_bits != 0 and not 2 <= embedding_bits <= 8:
+        raise QuantConfigError(f"must be between 2 and 8, or 0 to keep the embedding in full precision; got "
+                               f"{embedding_bits}", option="embedding_bits")
+    cfg = QuantConfig(method=method, bits=bits, group_size=group_size or None, alpha=alpha,
+                      embedding_bits=embedding_bits or None, **kw)
+    cfg.check()
+    if get_method(method).needs_calibration and n_calib < MIN_CALIB:
+        raise QuantConfigError(f"{method} calibrates: it needs at least {MIN_CALIB} utterances, got {n_calib}",
+                               option="n_calib")
+    return cfg
+
+
 def _layer_table(report, max_rows: int = 200):
     from rich.table import Table
 
@@ -125,16 +195,14 @@ def _layer_table(report, max_rows: int = 200):
     return t
 
 
-GROUP_HELP = "Columns per scale group; 0 = one group per output channel"
-
-
 @app.command("quantize")
 def quantize_cmd(
     model: str = typer.Option("whisper-tiny.en", "--model", "-m", help="Bundled name, model dir or hub id"),
     method: str = typer.Option("gptq", help="rtn | gptq | qep | gptaq"),
     bits: int = typer.Option(4, help="Weight bits, 2-8"),
     group_size: int = typer.Option(128, help=GROUP_HELP),
-    alpha: Optional[float] = typer.Option(None, help="QEP/GPTAQ strength (default 0.5 for qep, 0.25 for gptaq)"),
+    alpha: Optional[float] = typer.Option(None, help="QEP/GPTAQ strength in [0, 1] (default 0.5 for qep, 0.25 "
+                                                     "for gptaq)"),
     sym: bool = typer.Option(False, help="Symmetric grid (no zero points)"),
     act_order: bool = typer.Option(False, help="GPTQ: columns by decreasing Hessian diagonal (static groups)"),
     mse: bool = typer.Option(False, help="Search a clipped range per group (MSE)"),
@@ -148,30 +216,29 @@ def quantize_cmd(
     n_calib: int = typer.Option(128, help="Calibration utterances, sampled from the sources with --seed"),
     seed: int = typer.Option(0, help="Seed of the calibration sample"),
     out: Path = typer.Option(..., "--out", "-o", help="Checkpoint directory to write"),
-    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable calibration items"),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable calibration items (listed)"),
     progress: bool = typer.Option(True, help="Show progress bars"),
 ):
     """Quantize a model layer by layer and write a low-bit checkpoint."""
     try:
+        import resource
+
         from quasr import checkpoint
         from quasr.methods import get_method
         from quasr.models import load_model
         from quasr.models.whisper import quiet_transformers
         from quasr.progress import console
-        from quasr.quantize import QuantConfig, quantize_
+        from quasr.quantize import quantize_
 
+        cfg = _quant_config(method, bits, group_size, alpha, embedding_bits, n_calib, sym=sym, mse=mse,
+                            act_order=act_order, layers=layers, percdamp=percdamp, encoder_frames=encoder_frames,
+                            pad_stride=pad_stride)
+        checkpoint.check_target(out, "--out")
         quiet_transformers()
-        cfg = QuantConfig(method=method, bits=bits, group_size=group_size or None, sym=sym, mse=mse,
-                          act_order=act_order, alpha=alpha, embedding_bits=embedding_bits or None, layers=layers,
-                          percdamp=percdamp, encoder_frames=encoder_frames, pad_stride=pad_stride)
-        cfg.grid()
-        m = get_method(method)
-        utts = _calibration(calib, n_calib, seed, skip_bad) if m.needs_calibration else []
+        utts = _calibration(calib, n_calib, seed, skip_bad) if get_method(method).needs_calibration else []
         asr = load_model(model)
         report = quantize_(asr, cfg, utts, progress=progress)
         console.print(_layer_table(report))
-        import resource
-
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
         asr.recipe.update(model=asr.name, spec=model, calib=calib if utts else None, seed=seed if utts else None,
                           quant_seconds=round(report.seconds, 2), peak_rss_mb=round(peak_mb))
@@ -183,13 +250,36 @@ def quantize_cmd(
         _fail(e)
 
 
+def _compare_table(fp, q, label: str, title: str):
+    """Per set: WER of both models, the difference with a paired bootstrap 95 % interval over utterances, the
+    utterances better / worse, rare-WER, fallback windows and speed."""
+    from rich.table import Table
+
+    from quasr.stats import better_worse, paired_bootstrap
+
+    tab = Table(title=title)
+    for col in ("set", "utts", "WER fp %", f"WER {label} %", "Δ WER [95% CI]", "utts better / worse",
+                "rare-WER fp %", "rare-WER q %", "fell back fp / q", "s/utt fp", "s/utt q"):
+        tab.add_column(col, justify="left" if col == "set" else "right")
+    f = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
+    for a, b in zip(fp, q):
+        ea, eb = [u["errors"] for u in a.utterances], [u["errors"] for u in b.utterances]
+        ci = paired_bootstrap(eb, ea, [u["n_ref"] for u in a.utterances])
+        bw = better_worse(eb, ea)
+        tab.add_row(a.data, str(a.n_utts), f(a.counts.wer), f(b.counts.wer), str(ci), f"{bw[0]} / {bw[1]}",
+                    f(a.counts.rare_wer), f(b.counts.rare_wer),
+                    f"{a.windows()['n_fallback_windows']} / {b.windows()['n_fallback_windows']}",
+                    f(a.sec_per_utt), f(b.sec_per_utt))
+    return tab
+
+
 @app.command("compare")
 def compare_cmd(
     model: str = typer.Option("whisper-tiny.en", "--model", "-m", help="Bundled name, model dir or hub id"),
     method: str = typer.Option("gptq", help="rtn | gptq | qep | gptaq"),
     bits: int = typer.Option(4, help="Weight bits, 2-8"),
     group_size: int = typer.Option(128, help=GROUP_HELP),
-    alpha: Optional[float] = typer.Option(None, help="QEP/GPTAQ strength"),
+    alpha: Optional[float] = typer.Option(None, help="QEP/GPTAQ strength in [0, 1]"),
     embedding_bits: int = typer.Option(8, help="Bits of the tied token embedding / output head; 0 keeps FP32"),
     encoder_frames: str = typer.Option("window", help="window | speech (see quasr quantize --help)"),
     pad_stride: int = typer.Option(4, help="Window mode: every k-th padding frame, weight k (see quasr quantize --help)"),
@@ -198,6 +288,10 @@ def compare_cmd(
     seed: int = typer.Option(0, help="Seed of the calibration sample"),
     data: list[str] = typer.Option(["asterisk:test"], "--data", "-d", help=DATA_HELP),
     limit: Optional[int] = typer.Option(None, "--limit", "-n", help="Keep N test utterances per set"),
+    decoding: str = typer.Option("standard", help=DECODING_HELP),
+    temperatures: Optional[str] = typer.Option(None, help=TEMPERATURES_HELP),
+    decode_seed: int = typer.Option(0, help="Seed of the sampled fallback decodes"),
+    batch_size: int = typer.Option(8, help="Utterances per decoding batch"),
     save: Optional[Path] = typer.Option(None, help="Also write the quantized checkpoint here"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write results JSON here"),
     progress: bool = typer.Option(True, help="Show progress bars"),
@@ -206,8 +300,6 @@ def compare_cmd(
     try:
         import time
 
-        from rich.table import Table
-
         from quasr import checkpoint
         from quasr.evaluate import evaluate, to_records
         from quasr.methods import get_method
@@ -215,37 +307,36 @@ def compare_cmd(
         from quasr.models import load_model
         from quasr.models.whisper import quiet_transformers
         from quasr.progress import console
-        from quasr.quantize import QuantConfig, quantize_
-        from quasr.results import command_line, machine_info, now, write_json
+        from quasr.quantize import quantize_
+        from quasr.results import check_writable, command_line, machine_info, now, write_json
 
+        cfg = _quant_config(method, bits, group_size, alpha, embedding_bits, n_calib, encoder_frames=encoder_frames,
+                            pad_stride=pad_stride)
+        dec = _decoding(decoding, temperatures, decode_seed)
+        _positive("--batch-size", batch_size)
+        if save:
+            checkpoint.check_target(save, "--save")
+        if out:
+            check_writable(out, "--out")
         quiet_transformers()
-        cfg = QuantConfig(method=method, bits=bits, group_size=group_size or None, alpha=alpha,
-                          embedding_bits=embedding_bits or None, encoder_frames=encoder_frames,
-                          pad_stride=pad_stride)
-        cfg.grid()
         utts = _calibration(calib, n_calib, seed, False) if get_method(method).needs_calibration else []
         sets = _load_sets(data, limit, False)
         asr = load_model(model)
         fp_size = sum(p.numel() * p.element_size() for p in {id(p): p for p in asr.model.parameters()}.values())
-        fp = evaluate(asr, sets, progress=progress)
+        fp = evaluate(asr, sets, batch_size=batch_size, decoding=dec, progress=progress)
         t = time.perf_counter()
         quantize_(asr, cfg, utts, progress=progress)
         q_seconds = time.perf_counter() - t
         q_size = sum(b.numel() * b.element_size() for b in asr.model.buffers()) + sum(
             p.numel() * p.element_size() for p in asr.model.parameters())
-        q = evaluate(asr, sets, progress=progress)
+        q = evaluate(asr, sets, batch_size=batch_size, decoding=dec, progress=progress)
         label = f"{method} W{bits}" + (f"G{group_size}" if group_size else "") + \
                 (f" E{embedding_bits}" if embedding_bits else "")
-        tab = Table(title=f"{asr.name}: full precision vs {label} (greedy, normalizer {NORMALIZER})")
-        for col in ("set", "utts", "WER fp %", f"WER {label} %", "rare-WER fp %", "rare-WER q %", "s/utt fp", "s/utt q"):
-            tab.add_column(col, justify="left" if col == "set" else "right")
-        f = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
-        for a, b in zip(fp, q):
-            tab.add_row(a.data, str(a.n_utts), f(a.counts.wer), f(b.counts.wer), f(a.counts.rare_wer),
-                        f(b.counts.rare_wer), f(a.sec_per_utt), f(b.sec_per_utt))
-        console.print(tab)
+        console.print(_compare_table(fp, q, label, f"{asr.name}: full precision vs {label} ({dec.label} decoding, "
+                                                   f"normalizer {NORMALIZER})"))
         console.print(f"model in memory: {fp_size / 1e6:.1f} MB full precision -> {q_size / 1e6:.1f} MB quantized; "
-                      f"quantization took {q_seconds:.1f} s on {n_calib if utts else 0} calibration utterances")
+                      f"quantization took {q_seconds:.1f} s on {n_calib if utts else 0} calibration utterances. "
+                      f"Δ WER: quantized − full precision, 95% paired bootstrap interval over utterances.")
         if save:
             checkpoint.save(asr, save, asr.recipe | {"model": asr.name, "spec": model, "calib": calib if utts else None,
                                                      "seed": seed if utts else None})
@@ -257,28 +348,39 @@ def compare_cmd(
                           embedding_bits=cfg.embedding_bits, encoder_frames=encoder_frames if utts else None,
                           pad_stride=pad_stride if utts and encoder_frames == "window" else None)
             write_json(out, {"benchmark": "compare", "created": now(), "command": command_line(),
-                             "normalizer": NORMALIZER, "machine": machine_info(),
-                             "records": to_records(fp, model=asr.name, method="fp") + to_records(q, **recipe)})
+                             "normalizer": NORMALIZER, "decoding": dec.to_dict(), "machine": machine_info(),
+                             "records": to_records(fp, model=asr.name, method="fp") + to_records(q, **recipe),
+                             "utterances": {"fp": {r.data: r.utterances for r in fp},
+                                            "quantized": {r.data: r.utterances for r in q}}})
+            console.print(f"wrote {out}")
     except QuasrError as e:
         _fail(e)
 
 
 @app.command("info")
-def info_cmd(path: Path = typer.Argument(..., help="Checkpoint directory")):
-    """Print a checkpoint's recipe, bits per weight and size."""
+def info_cmd(path: Path = typer.Argument(..., help="Checkpoint directory"),
+             verify: bool = typer.Option(True, help="Check the weights' sha256 and that the checkpoint loads its "
+                                                    "config and tokenizer files (what eval checks)")):
+    """Print a checkpoint's recipe, bits per weight and size, after verifying it."""
     try:
         import json
 
         from quasr import checkpoint
         from quasr.progress import console
 
+        if verify:
+            checkpoint.verify(path)
         i = checkpoint.info(path)
         r = {k: v for k, v in (i["recipe"] or {}).items() if k not in ("layers_report", "calib_ids")}
-        console.print_json(json.dumps({"recipe": r, "n_quantized": i["n_quantized"],
-                                       "linear": {k: i["linear"][k] for k in ("modules", "weights", "mb", "bits", "bits_per_weight")},
-                                       "embedding": {k: i["embedding"][k] for k in ("modules", "weights", "mb", "bits", "bits_per_weight")},
-                                       "fp_mb": i["fp"]["bytes"] / 1e6, "file_mb": i["file_mb"], "dir_mb": i["dir_mb"]},
-                                      default=str))
+        print(json.dumps({"recipe": r, "verified": verify, "n_quantized": i["n_quantized"],
+                          "linear": {k: i["linear"][k] for k in ("modules", "weights", "mb", "bits", "bits_per_weight")},
+                          "embedding": {k: i["embedding"][k] for k in ("modules", "weights", "mb", "bits",
+                                                                      "bits_per_weight")},
+                          "fp_mb": i["fp"]["bytes"] / 1e6, "file_mb": i["file_mb"], "dir_mb": i["dir_mb"]},
+                         indent=1, default=str))
+        if not verify:
+            console.print("[yellow]not verified[/] (--no-verify): the weights' sha256 and the config files were "
+                          "not checked")
     except QuasrError as e:
         _fail(e)
 

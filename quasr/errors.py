@@ -11,3 +11,7 @@ class DataError(QuasrError, ValueError):
 
 class ModelError(QuasrError, ValueError):
     """A model spec that cannot be resolved, or weights that cannot be converted."""
+
+
+class UsageError(QuasrError, ValueError):
+    """A command-line option value that cannot work (a non-positive batch size, ...)."""

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from quasr import metrics
 from quasr.data import Dataset
+from quasr.decoding import Decoding
 from quasr.models.base import AsrModel
 
 
@@ -18,6 +19,16 @@ class SetResult:
     utterances: list[dict]
     seconds: float
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    decoding: str | None = None    # the policy's label (quasr.decoding)
+
+    def windows(self) -> dict[str, int]:
+        """Decoding windows of the set: decoded, decoded again at a higher temperature (at least once), and
+        skipped as silent; plus the total number of fallback decodes."""
+        us = self.utterances
+        return {"n_windows": sum(u.get("windows", 1) for u in us),
+                "n_fallback_windows": sum(u.get("fallback_windows", 0) for u in us),
+                "n_fallbacks": sum(u.get("fallbacks", 0) for u in us),
+                "n_skipped_windows": sum(u.get("skipped_windows", 0) for u in us)}
 
     @property
     def n_utts(self) -> int:
@@ -28,10 +39,13 @@ class SetResult:
         return self.seconds / max(1, self.n_utts)
 
 
-def score_set(data: Dataset, hyps: list[str], seconds: float = 0.0) -> SetResult:
-    """Score hypotheses against a set's references (Whisper English normalizer first)."""
+def score_set(data: Dataset, hyps: list, seconds: float = 0.0, decoding: str | None = None) -> SetResult:
+    """Score hypotheses (texts, or Transcripts with their decoding counts) against a set's references
+    (Whisper English normalizer first)."""
     utts, total, by_speaker = [], metrics.WordCounts(), {}
-    for u, hyp in zip(data.utterances, hyps, strict=True):
+    for u, h in zip(data.utterances, hyps, strict=True):
+        hyp = h if isinstance(h, str) else h.text
+        dec = {} if isinstance(h, str) else {k: v for k, v in h.to_dict().items() if k != "text"}
         s = metrics.score_utterance(u.text, hyp)
         c = s["counts"]
         total = total + c
@@ -39,18 +53,20 @@ def score_set(data: Dataset, hyps: list[str], seconds: float = 0.0) -> SetResult
             by_speaker[u.speaker] = by_speaker.get(u.speaker, metrics.WordCounts()) + c
         utts.append({"id": u.id, "speaker": u.speaker, "ref": u.text, "hyp": hyp, "ref_norm": s["ref"],
                      "hyp_norm": s["hyp"], "n_ref": c.n_ref, "errors": c.errors, "sub": c.sub, "del": c.dele,
-                     "ins": c.ins, "rare_words": s["rare_words"], "rare_errors": c.rare_errors})
-    return SetResult(data.name, total, by_speaker, utts, seconds, list(data.skipped))
+                     "ins": c.ins, "rare_words": s["rare_words"], "rare_errors": c.rare_errors, **dec})
+    return SetResult(data.name, total, by_speaker, utts, seconds, list(data.skipped), decoding)
 
 
-def evaluate(model: AsrModel, sets: list[Dataset], batch_size: int = 8, num_beams: int = 1,
+def evaluate(model: AsrModel, sets: list[Dataset], batch_size: int = 8, decoding: Decoding | None = None,
              progress: bool = True) -> list[SetResult]:
+    """Transcribe each set with the decoding policy (default: standard) and score it."""
+    decoding = decoding or Decoding()
     results = []
     for data in sets:
         t0 = time.perf_counter()
-        hyps = model.transcribe([u.audio for u in data.utterances], batch_size=batch_size, num_beams=num_beams,
-                                progress=progress, desc=data.name)
-        results.append(score_set(data, hyps, time.perf_counter() - t0))
+        hyps = model.transcribe_detailed([u.audio for u in data.utterances], batch_size=batch_size,
+                                         decoding=decoding, progress=progress, desc=data.name)
+        results.append(score_set(data, hyps, time.perf_counter() - t0, decoding.label))
     return results
 
 
@@ -64,13 +80,14 @@ def to_records(results: list[SetResult], **recipe) -> list[dict]:
 
     out = []
     for r in results:
-        out.append(record(**recipe, data=r.data, speaker=None, n_utts=r.n_utts, n_words=r.counts.n_ref,
+        dec = {"decoding": r.decoding} if r.decoding else {}
+        out.append(record(**recipe, **dec, data=r.data, speaker=None, n_utts=r.n_utts, n_words=r.counts.n_ref,
                           n_rare_words=r.counts.n_rare_ref, wer=_pct(r.counts.wer),
                           rare_wer=_pct(r.counts.rare_wer), sec_per_utt=round(r.sec_per_utt, 4),
-                          n_skipped=len(r.skipped)))
+                          n_skipped=len(r.skipped), **r.windows()))
         for spk, c in r.by_speaker.items():
             n = sum(1 for u in r.utterances if u["speaker"] == spk)
-            out.append(record(**recipe, data=r.data, speaker=spk, n_utts=n, n_words=c.n_ref,
+            out.append(record(**recipe, **dec, data=r.data, speaker=spk, n_utts=n, n_words=c.n_ref,
                               n_rare_words=c.n_rare_ref, wer=_pct(c.wer), rare_wer=_pct(c.rare_wer)))
     return out
 
@@ -82,14 +99,17 @@ def print_tables(results: list[SetResult], title: str = "", console=None) -> Non
     console = console or Console(width=None if sys.stdout.isatty() else 140)
     fmt = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
     t = Table(title=title or None)
-    for col in ("set", "utts", "words", "WER %", "rare words", "rare-WER %", "s/utt", "skipped"):
+    for col in ("set", "utts", "words", "WER %", "rare words", "rare-WER %", "windows", "fell back", "silent",
+                "s/utt", "skipped"):
         t.add_column(col, justify="left" if col == "set" else "right")
     for r in results:
+        w = r.windows()
         t.add_row(r.data, str(r.n_utts), str(r.counts.n_ref), fmt(r.counts.wer), str(r.counts.n_rare_ref),
-                  fmt(r.counts.rare_wer), f"{r.sec_per_utt:.2f}", str(len(r.skipped)))
+                  fmt(r.counts.rare_wer), str(w["n_windows"]), str(w["n_fallback_windows"]),
+                  str(w["n_skipped_windows"]), f"{r.sec_per_utt:.2f}", str(len(r.skipped)))
     if len(results) > 1:
         t.add_row("mean over sets", "", "", fmt(metrics.mean_over_sets([r.counts.wer for r in results])), "",
-                  fmt(metrics.mean_over_sets([r.counts.rare_wer for r in results])), "", "")
+                  fmt(metrics.mean_over_sets([r.counts.rare_wer for r in results])), "", "", "", "", "")
     console.print(t)
     for r in results:
         if len(r.by_speaker) > 1:

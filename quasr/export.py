@@ -27,15 +27,13 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
 from quasr.errors import QuasrError
-from quasr.results import replace_dir
+from quasr.results import staged_dir
 from quasr.quant.modules import QuantizedEmbedding, QuantizedLinear, TiedQuantizedHead, quantized_modules
 from quasr.quant.pack import pack_stream, unpack, unpack_stream
 
@@ -154,10 +152,7 @@ def export_compressed_tensors(path_or_asr, out_dir: str | Path, embedding: str =
         "transform_config": {},
     }
 
-    parent = out_dir.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=parent))
-    try:
+    with staged_dir(out_dir) as tmp:
         config = copy.deepcopy(model.config)
         if tied:
             config.tie_word_embeddings = True
@@ -169,10 +164,6 @@ def export_compressed_tensors(path_or_asr, out_dir: str | Path, embedding: str =
             model.generation_config.save_pretrained(tmp)
         asr.processor.save_pretrained(tmp)
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
-        replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

@@ -18,6 +18,7 @@ from typing import Callable
 
 import torch
 
+from quasr import numerics
 from quasr.memory import fixed_mmap_threshold
 from quasr.methods import LayerStats, get_method
 from quasr.quant.gptq import asym_error
@@ -66,6 +67,37 @@ class QuantConfig:
 
     def grid(self) -> QuantGrid:
         return QuantGrid(self.bits, self.group_size, self.sym, self.mse)
+
+    def check(self) -> None:
+        """Fail on any setting that cannot work, naming it, before any work is done."""
+        import math
+
+        def bad(option: str, message: str):
+            raise QuantConfigError(message, option=option)
+
+        try:
+            get_method(self.method)
+        except QuantConfigError as e:
+            bad("method", str(e))
+        if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
+            bad("bits", f"weight bits must be between 2 and 8, got {self.bits}")
+        if self.group_size is not None and (not isinstance(self.group_size, int) or self.group_size <= 0):
+            bad("group_size", f"the group size must be a positive number of columns (None: one group per output "
+                              f"channel), got {self.group_size}")
+        if self.embedding_bits is not None and (not isinstance(self.embedding_bits, int)
+                                                or not 2 <= self.embedding_bits <= 8):
+            bad("embedding_bits", f"embedding bits must be between 2 and 8 (None keeps the embedding in full "
+                                  f"precision), got {self.embedding_bits}")
+        if not (isinstance(self.percdamp, (int, float)) and math.isfinite(self.percdamp) and self.percdamp >= 0):
+            bad("percdamp", f"damping must be a finite number >= 0, got {self.percdamp}")
+        if self.alpha is not None and not (isinstance(self.alpha, (int, float)) and 0 <= self.alpha <= 1):
+            bad("alpha", f"the compensation strength alpha must lie in [0, 1], got {self.alpha}")
+        if self.layers not in ("all", "encoder", "decoder"):
+            bad("layers", f"layers must be all, encoder or decoder, got {self.layers!r}")
+        if self.encoder_frames not in ("window", "speech"):
+            bad("encoder_frames", f"encoder frames must be window or speech, got {self.encoder_frames!r}")
+        if not isinstance(self.pad_stride, int) or self.pad_stride < 1:
+            bad("pad_stride", f"the padding-frame stride must be a positive integer, got {self.pad_stride}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -174,7 +206,10 @@ def _check_layers(asr, blocks: list[Block], grid: QuantGrid) -> None:
         for group in b.groups:
             for n in group:
                 w = b.module.get_submodule(n).weight
-                grid.check(tuple(w.shape), f"{b.name}.{n}")
+                try:
+                    grid.check(tuple(w.shape), f"{b.name}.{n}")
+                except QuantConfigError as e:
+                    raise QuantConfigError(str(e), option="group_size") from None
                 check_finite(w.detach(), f"{b.name}.{n}")
 
 
@@ -186,11 +221,8 @@ def quantize_(asr, cfg: QuantConfig, calib=(), progress: bool = True, on_layer=N
     """
     t0 = time.perf_counter()
     fixed_mmap_threshold()
+    cfg.check()
     method = get_method(cfg.method)
-    if cfg.layers not in ("all", "encoder", "decoder"):
-        raise QuantConfigError(f"layers must be all, encoder or decoder, got {cfg.layers!r}")
-    if not cfg.percdamp >= 0:  # also NaN
-        raise QuantConfigError(f"percdamp must be non-negative, got {cfg.percdamp}")
     grid = cfg.grid()
     cal = asr.calibration(cfg.encoder_frames, cfg.pad_stride)
     blocks = [b for b in cal.blocks if cfg.layers in ("all", b.stage)]
@@ -239,7 +271,7 @@ def quantize_(asr, cfg: QuantConfig, calib=(), progress: bool = True, on_layer=N
     report.seconds = time.perf_counter() - t0
     asr.method, asr.bits, asr.group_size = cfg.method, cfg.bits, cfg.group_size
     asr.recipe = {**cfg.to_dict(), "alpha": cfg.alpha if cfg.alpha is not None else method.default_alpha,
-                  "n_calib": report.n_calib, "calib_ids": report.calib_ids}
+                  "n_calib": report.n_calib, "calib_ids": report.calib_ids, "numerics": numerics.state()}
     return report
 
 

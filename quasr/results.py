@@ -11,9 +11,12 @@ import platform
 import shlex
 import sys
 import tempfile
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Iterator
 
+from quasr.errors import QuasrError
 from quasr.metrics import NORMALIZER
 
 
@@ -33,6 +36,75 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         raise
 
 
+class OutputError(QuasrError, ValueError):
+    """An output path that cannot be written (read-only, a file where a directory belongs, ...)."""
+
+
+def check_writable(path: str | Path, what: str, kind: str = "file") -> Path:
+    """Fail now, before any long work, if `path` cannot be written as a `kind` ("file" or "dir"); `what` names
+    the option. Probes the nearest existing ancestor with a temporary directory (removed at once), so that
+    read-only file systems and missing permissions are caught as they would be at the end; creates nothing."""
+    path = Path(path).expanduser().absolute()
+    if kind == "file" and path.is_dir():
+        raise OutputError(f"{what} {path}: is a directory; give the path of a file to write")
+    if kind == "dir" and path.exists() and not path.is_dir():
+        raise OutputError(f"{what} {path}: exists and is not a directory")
+    anc = path.parent
+    while not anc.exists() and anc != anc.parent:
+        anc = anc.parent
+    if not anc.is_dir():
+        raise OutputError(f"{what} {path}: {anc} is not a directory")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".quasr-probe-", dir=anc))
+    except OSError as e:
+        raise OutputError(f"{what} {path}: cannot write in {anc} ({e.strerror or e})") from None
+    return path
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale(parent: Path, name: str) -> list[Path]:
+    """Remove what a killed writer of `parent/name` left: its staging directory `.NAME.tmp-PID-*` and a set-aside
+    old version `.NAME.old-PID-*` whose process PID no longer runs. Returns what was removed."""
+    import re
+    import shutil
+
+    removed = []
+    for p in parent.glob(f".{name}.*"):
+        m = re.fullmatch(re.escape(f".{name}.") + r"(tmp|old)-(\d+)-\w+", p.name)
+        if m and p.is_dir() and not _pid_alive(int(m.group(2))):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
+@contextmanager
+def staged_dir(out_dir: str | Path) -> Iterator[Path]:
+    """Write a directory atomically: yields an empty staging directory beside `out_dir` (named with this
+    process's id); when the block ends without error it replaces `out_dir` (replace_dir), otherwise it is
+    removed. Staging directories left by a killed process are removed first (clean_stale)."""
+    import shutil
+
+    out_dir = Path(out_dir).expanduser().absolute()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale(out_dir.parent, out_dir.name)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-{os.getpid()}-", dir=out_dir.parent))
+    try:
+        yield tmp
+        replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def replace_dir(tmp: str | Path, out_dir: str | Path) -> None:
     """Move a completed directory `tmp` to `out_dir` (same filesystem). An existing `out_dir` is set aside
     first and put back if the move fails, then removed: readers see the old or the new one, never a mix."""
@@ -41,7 +113,7 @@ def replace_dir(tmp: str | Path, out_dir: str | Path) -> None:
 
     tmp, out_dir = Path(tmp), Path(out_dir)
     if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}")
+        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
         os.rename(out_dir, old)
         try:
             os.rename(tmp, out_dir)
@@ -60,9 +132,11 @@ def write_json(path: str | Path, obj) -> None:
 def machine_info() -> dict:
     import torch
 
+    from quasr import numerics
+
     return {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__.split("+")[0],
             "python": platform.python_version(), "platform": platform.machine(), "cpu": cpu_model(),
-            "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "numerics": numerics.state()["mode"]}
 
 
 def cpu_model() -> str | None:
@@ -86,7 +160,8 @@ def now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-RECORD_KEYS = ("model", "method", "bits", "group_size", "act_bits", "calib", "n_calib", "seed", "data", "speaker")
+RECORD_KEYS = ("model", "method", "bits", "group_size", "act_bits", "calib", "n_calib", "seed", "decoding", "data",
+               "speaker")
 
 
 def record(**fields) -> dict:

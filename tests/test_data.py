@@ -49,7 +49,8 @@ def test_manifest_format_relative_paths_resampling_and_mono(manifest_dir):
     ("{not json", r"m.jsonl:2: not valid JSON"),
     ('["a list"]', r"m.jsonl:2: expected a JSON object"),
     ('{"audio": "wavs/a.wav"}', r"m.jsonl:2: missing transcript"),
-    ('{"audio": "wavs/a.wav", "text": "   "}', r"m.jsonl:2: missing transcript"),
+    ('{"audio": "wavs/a.wav", "text": "   "}', r"m.jsonl:2: empty transcript"),
+    ('{"audio": "wavs/a.wav", "text": 123}', r"m.jsonl:2: \"text\" must be a string, got a int \(123\)"),
     ('{"text": "no audio"}', r"m.jsonl:2: missing \"audio\""),
     ('{"id": "u1", "audio": "wavs/a.wav", "text": "dup"}', r"m.jsonl:2: duplicate id 'u1'"),
 ])

@@ -144,16 +144,20 @@ def test_decoder_only_leaves_the_encoder_alone(fresh_tiny, calib):
 @pytest.mark.parametrize("cfg, message", [
     (dict(bits=9), "bits must be between 2 and 8"),
     (dict(group_size=100), r"model.encoder.layers.0.self_attn.q_proj: group size 100 does not divide"),
+    (dict(group_size=-5), "group size must be a positive number of columns"),
     (dict(method="magic"), "unknown method 'magic'"),
     (dict(layers="middle"), "layers must be all, encoder or decoder"),
-    (dict(encoder_frames="all"), "encoder_frames must be"),
-    (dict(pad_stride=0), "pad_stride must be a positive integer"),
-    (dict(percdamp=-0.1), "percdamp must be non-negative"),
-    (dict(embedding_bits=1), "bits must be between 2 and 8"),
+    (dict(encoder_frames="all"), "encoder frames must be window or speech"),
+    (dict(pad_stride=0), "padding-frame stride must be a positive integer"),
+    (dict(percdamp=-0.1), "damping must be a finite number >= 0"),
+    (dict(percdamp=float("nan")), "damping must be a finite number >= 0"),
+    (dict(embedding_bits=1), "embedding bits must be between 2 and 8"),
+    (dict(method="qep", alpha=1.5), r"alpha must lie in \[0, 1\]"),
 ])
 def test_bad_configs_fail_before_any_work(fresh_tiny, calib, cfg, message):
-    with pytest.raises(QuantConfigError, match=message):
+    with pytest.raises(QuantConfigError, match=message) as e:
         quantize_(fresh_tiny, QuantConfig(**cfg), calib, progress=False)
+    assert e.value.option == list(cfg)[-1]  # the setting is named (the CLI shows it as --option)
     packed = (QuantizedLinear, QuantizedEmbedding, TiedQuantizedHead)
     assert not any(isinstance(m, packed) for m in fresh_tiny.model.modules())  # nothing was quantized
 

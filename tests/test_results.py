@@ -74,58 +74,104 @@ def _load_report():
     return mod
 
 
-def test_report_compares_with_rtn_per_utterance(tmp_path):
-    """One runaway utterance makes GPTQ's WER worse than RTN's; the paired column still shows that GPTQ is
-    better on two utterances of three and worse on one."""
-    report = _load_report()
-    path = tmp_path / "ptq.json"
-    errors = {"fp": [0, 0, 0], "rtn": [2, 3, 1], "gptq": [1, 1, 40]}
-    results = ResultsFile(path, "ptq", option_keys=("embedding_bits",))
-    for method, errs in errors.items():
-        t = f"transcripts/{method}.jsonl"
-        (tmp_path / "transcripts").mkdir(exist_ok=True)
+def _cells(tmp_path, results, cells, keys=()):
+    """Write transcripts and records: cells are (method, seed, errors[, layers]) with 10 reference words each."""
+    (tmp_path / "transcripts").mkdir(exist_ok=True)
+    for method, seed, errs, *rest in cells:
+        layers = rest[0] if rest else None
+        t = f"transcripts/{method}-{seed}-{layers}.jsonl"
         (tmp_path / t).write_text("".join(json.dumps({"id": f"u{i}", "errors": e, "n_ref": 10}) + "\n"
                                           for i, e in enumerate(errs)))
         q = method != "fp"
         results.add(record(model="m", method=method, bits=4 if q else None, group_size=128 if q else None,
-                           embedding_bits=8 if q else None, data="s", wer=sum(errs) / 30 * 100, rare_wer=0.0,
-                           n_utts=3, transcripts=t))
-    rows = {line.split("|")[2].strip(): line for line in report.ptq(path).splitlines() if line.startswith("| m ")}
-    assert " 2 / 1 " in rows["gptq"]
-    assert " 2 / 1 " not in rows["rtn"] and " 2 / 1 " not in rows["fp"]
+                           embedding_bits=8 if q else None, seed=seed, layers=layers, decoding="standard", data="s",
+                           wer=100 * sum(errs) / (10 * len(errs)), rare_wer=0.0, n_utts=len(errs), transcripts=t))
+
+
+def _rows(text: str, table: int) -> dict[str, str]:
+    """{method label: row} of the table-th markdown table of a report."""
+    tables, cur = [], []
+    for line in text.splitlines():
+        if line.startswith("|"):
+            cur.append(line)
+        elif cur:
+            tables.append(cur)
+            cur = []
+    if cur:
+        tables.append(cur)
+    return {line.split("|")[2].strip(): line for line in tables[table][2:]}
+
+
+def test_report_pools_seeds_and_compares_with_rtn_per_utterance(tmp_path):
+    """One runaway utterance makes GPTQ's WER worse than RTN's; the paired columns still show GPTQ better on
+    two utterances of three; seeds pool into one row, as mean ± std and as the seed-mean model."""
+    report = _load_report()
+    path = tmp_path / "ptq.json"
+    results = ResultsFile(path, "ptq", option_keys=("embedding_bits", "layers"))
+    _cells(tmp_path, results, [("fp", None, [0, 0, 0]), ("rtn", None, [2, 3, 1]),
+                               ("gptq", 0, [1, 1, 40]), ("gptq", 1, [1, 1, 40]), ("gptq", 2, [1, 1, 40])])
+    text = report.ptq(path, resamples=2000)
+    acc, pair = _rows(text, 0), _rows(text, 1)
+    assert "| 0,1,2 |" in acc["gptq"] and "140.00 ± 0.00" in acc["gptq"]
+    assert " 2 / 1 " in pair["gptq"]  # vs RTN, per utterance
+    diff = 100 * (42 - 6) / 30
+    assert f"+{diff:.2f} [" in pair["gptq"]  # Δ vs RTN of the seed-mean model
+    assert "fp" not in pair  # nothing to compare full precision with
     assert report.paired({"a": 1, "b": 2}, {"a": 1, "b": 5}) == (1, 0)
     with pytest.raises(ValueError):
         report.paired({"a": 1}, {"b": 1})
+
+
+def test_report_intervals_flag_a_clear_difference(tmp_path):
+    report = _load_report()
+    path = tmp_path / "ptq.json"
+    results = ResultsFile(path, "ptq", option_keys=("embedding_bits", "layers"))
+    n = 60
+    _cells(tmp_path, results, [("fp", None, [0] * n), ("rtn", None, [3] * n), ("gptq", 0, [1] * n),
+                               ("gptq", 1, [2] * (n // 2) + [1] * (n // 2))])
+    pair = _rows(report.ptq(path, resamples=2000), 1)
+    assert "†" in pair["gptq"].split("|")[5]  # below RTN everywhere: the interval excludes zero
+    assert "1.5" not in pair["gptq"] and "60 / 0" in pair["gptq"]
+
+
+def test_report_refuses_mixed_decodings_and_bad_resamples(tmp_path, monkeypatch):
+    report = _load_report()
+    path = tmp_path / "ptq.json"
+    results = ResultsFile(path, "ptq")
+    _cells(tmp_path, results, [("rtn", None, [1, 2])])
+    results.add(record(model="m", method="rtn", bits=4, group_size=128, decoding="greedy", data="s", wer=1.0,
+                       n_utts=2))
+    with pytest.raises(SystemExit, match="mix decodings"):
+        report.ptq(path)
+    assert "| m | rtn |" in report.ptq(path, decoding="greedy", resamples=100)
+    monkeypatch.setattr(report, "RESULTS", tmp_path)
+    monkeypatch.setattr("sys.argv", ["report.py", "ptq", "--resamples", "0"])
+    with pytest.raises(SystemExit, match="--resamples must be a positive"):
+        report.main()
 
 
 def test_report_pairs_a_split_with_the_rtn_of_the_same_layers_and_rewrites_only_the_marked_block(tmp_path,
                                                                                                    monkeypatch):
     report = _load_report()
     path = tmp_path / "ptq.json"
-    (tmp_path / "transcripts").mkdir()
-    cells = [("rtn", None, None, [1, 1, 1]), ("rtn", "decoder", None, [5, 5, 5]), ("gptq", "decoder", 0, [4, 4, 6]),
-             ("gptq", "decoder", 1, [6, 6, 6])]
-    results = ResultsFile(path, "ptq", option_keys=("layers",))
-    for method, layers, seed, errs in cells:
-        t = f"transcripts/{method}-{layers}-{seed}.jsonl"
-        (tmp_path / t).write_text("".join(json.dumps({"id": f"u{i}", "errors": e}) + "\n" for i, e in enumerate(errs)))
-        results.add(record(model="m", method=method, bits=4, group_size=128, layers=layers, seed=seed, data="s",
-                           wer=sum(errs) / 30 * 100, rare_wer=0.0, n_utts=3, transcripts=t))
-    rows = [line for line in report.ptq(path).splitlines() if "decoder only" in line and "gptq" in line]
-    assert len(rows) == 2  # one row per calibration seed
-    assert " 2 / 1 " in rows[0]  # against RTN of the decoder only (5, 5, 5), not of the whole model (1, 1, 1)
-    assert "seed=1" in rows[1] and " 0 / 3 " in rows[1]
-    rerun = tmp_path / "ptq-rerun.json"  # a rerun of one cell is compared with the main file's RTN
-    ResultsFile(rerun, "ptq", option_keys=("layers",)).add(record(
-        model="m", method="gptq", bits=4, group_size=128, layers="decoder", seed=0, data="s", wer=1.0, rare_wer=0.0,
-        n_utts=3, transcripts="transcripts/gptq-decoder-0.jsonl"))
-    assert " 2 / 1 " in next(line for line in report.ptq(rerun).splitlines() if "gptq" in line)
+    results = ResultsFile(path, "ptq", option_keys=("embedding_bits", "layers"))
+    _cells(tmp_path, results, [("rtn", None, [1, 1, 1]), ("rtn", None, [5, 5, 5], "decoder"),
+                               ("gptq", 0, [4, 4, 6], "decoder"), ("gptq", 1, [6, 6, 6], "decoder")])
+    pair = _rows(report.ptq(path, resamples=500), 1)
+    row = pair["gptq, decoder only"]
+    assert " 0 / 1 " in row and "+3.33 [" in row  # seed mean (5, 5, 6) against RTN of the decoder only (5, 5, 5),
+    #                                             not of the whole model (1, 1, 1): that would be 0 / 3, +43.33
+    rerun = tmp_path / "ptq-rerun.json"  # a partial file is compared with the main file's RTN
+    ResultsFile(rerun, "ptq", option_keys=("embedding_bits", "layers")).add(record(
+        model="m", method="gptq", bits=4, group_size=128, embedding_bits=8, layers="decoder", seed=0,
+        decoding="standard", data="s", wer=1.0, rare_wer=0.0, n_utts=3, transcripts="transcripts/gptq-0-decoder.jsonl"))
+    assert " 2 / 1 " in _rows(report.ptq(rerun, resamples=500), 1)["gptq, decoder only"]
 
     readme = tmp_path / "README.md"
     readme.write_text(f"intro\n{report.START}\nold table\n{report.END}\nprose after\n")
     monkeypatch.setattr(report, "RESULTS", tmp_path)
     monkeypatch.setattr(report, "README", readme)
-    monkeypatch.setattr("sys.argv", ["report.py", "--readme", "ptq"])
+    monkeypatch.setattr("sys.argv", ["report.py", "--readme", "ptq", "--resamples", "200"])
     report.main()
     text = readme.read_text()
     assert text.startswith("intro\n") and text.endswith(f"{report.END}\nprose after\n")

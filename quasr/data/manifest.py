@@ -26,8 +26,14 @@ def parse_line(path: Path, lineno: int, line: str) -> dict:
         raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     if not isinstance(obj.get("audio"), str) or not obj["audio"]:
         raise DataError(f"{where}: missing \"audio\" (a path relative to the manifest)")
-    if not isinstance(obj.get("text"), str) or not obj["text"].strip():
-        raise DataError(f"{where}: missing transcript (\"text\") for {obj['audio']}")
+    text = obj.get("text")
+    if "text" not in obj or text is None:
+        raise DataError(f"{where}: missing transcript (no \"text\") for {obj['audio']}")
+    if not isinstance(text, str):
+        raise DataError(f"{where}: \"text\" must be a string, got a {type(text).__name__} ({json.dumps(text)[:40]}) "
+                        f"for {obj['audio']}")
+    if not text.strip():
+        raise DataError(f"{where}: empty transcript (\"text\" is blank) for {obj['audio']}")
     obj["id"] = str(obj.get("id") or Path(obj["audio"]).with_suffix(""))
     return obj
 
@@ -43,10 +49,19 @@ def read_manifest_entries(path: str | Path, skip_bad: bool = False) -> tuple[lis
     if not path.is_file():
         raise DataError(f"{path}: manifest not found")
     entries, skipped, seen = [], [], {}
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
+    try:
+        raw_lines = path.read_bytes().splitlines()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read the manifest ({e.strerror or e})") from None
+    for lineno, raw in enumerate(raw_lines, start=1):
+        if not raw.strip():
             continue
         try:
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1})") \
+                    from None
             obj = parse_line(path, lineno, line)
             if obj["id"] in seen:
                 raise DataError(f"{path}:{lineno}: duplicate id {obj['id']!r} (first on line {seen[obj['id']]})")

@@ -13,6 +13,8 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,11 +125,55 @@ def load_model(spec: str) -> AsrModel:
                          f"(no config.json)")
     if path.exists():
         raise ModelError(f"{path}: a model spec must be a directory, a bundled name or a hub id")
-    if "/" not in spec or spec.count("/") > 1:
+    if _path_like(spec):
+        raise ModelError(f"{spec}: no such model directory")
+    if not HUB_ID.fullmatch(spec):
         raise ModelError(f"unknown model {spec!r}: use a bundled name ({', '.join(BUNDLED)}), "
                          f"a model directory, or a Hugging Face hub id like openai/whisper-small")
+    return _load_hub(spec)
+
+
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def _path_like(spec: str) -> bool:
+    """A spec that can only mean a local path: ./x, ../x, /x, ~/x, x/ or a path whose first part exists here."""
+    if spec.startswith(("./", "../", "/", "~")) or spec.endswith(("/", os.sep)) or "\\" in spec:
+        return True
+    first = spec.split("/", 1)[0]
+    return "/" in spec and Path(first).exists()
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the hub's host answers at all (one TCP connection), so an offline machine fails in a moment
+    instead of after transformers' retries."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
     try:
-        return WhisperAsr.from_pretrained(spec, spec=spec, name=spec.split("/")[-1])
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _load_hub(spec: str) -> AsrModel:
+    """A hub id: from the hub, or from the local Hugging Face cache when the hub cannot be reached."""
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = isinstance(try_to_load_from_cache(spec, "config.json"), str)
+    online = _hub_reachable()
+    if not online and not cached:
+        raise ModelError(f"cannot load {spec!r}: the Hugging Face hub cannot be reached and it is not in the local "
+                         f"cache. Offline, use a bundled name ({', '.join(BUNDLED)}) or a local directory")
+    try:
+        return WhisperAsr.from_pretrained(spec, spec=spec, name=spec.split("/")[-1],
+                                          **({} if online else {"local_files_only": True}))
     except OSError as e:
         raise ModelError(f"cannot load {spec!r} from the Hugging Face hub or its local cache ({e}). "
                          f"Offline, use a bundled name ({', '.join(BUNDLED)}) or a local directory") from e

@@ -22,9 +22,18 @@ class AsrModel(ABC):
     processor: object
 
     @abstractmethod
-    def transcribe(self, audios: Sequence[np.ndarray], batch_size: int = 8, num_beams: int = 1,
+    def transcribe(self, audios: Sequence[np.ndarray], batch_size: int = 8, decoding=None,
                    progress: bool = True, desc: str = "transcribe") -> list[str]:
-        """Transcribe 16 kHz mono float32 arrays; returns one text per input, in input order."""
+        """Transcribe 16 kHz mono float32 arrays with a decoding policy (quasr.decoding.Decoding, default
+        standard); returns one text per input, in input order."""
+
+    def transcribe_detailed(self, audios: Sequence[np.ndarray], batch_size: int = 8, decoding=None,
+                            progress: bool = True, desc: str = "transcribe") -> list:
+        """Like `transcribe`, one Transcript (text, windows, fallbacks, skipped windows) per input. Families
+        without a fallback loop report one window and no fallback."""
+        from quasr.decoding import Transcript
+
+        return [Transcript(t) for t in self.transcribe(audios, batch_size, decoding, progress, desc)]
 
     def num_parameters(self) -> int:
         seen, n = set(), 0

@@ -185,10 +185,8 @@ def convert_ct2_whisper(src: str | Path, out_dir: str | Path, model_bin: str | P
     (no-timestamps token, suppressed tokens, alignment heads, languages and tasks for multilingual models),
     the tokenizer with timestamp tokens, and the feature extractor.
     """
-    import shutil
-    import tempfile
 
-    from quasr.results import replace_dir
+    from quasr.results import staged_dir
 
     from tokenizers import AddedToken
     from transformers import (GenerationConfig, WhisperConfig, WhisperFeatureExtractor,
@@ -249,14 +247,8 @@ def convert_ct2_whisper(src: str | Path, out_dir: str | Path, model_bin: str | P
     feature_extractor = WhisperFeatureExtractor(feature_size=dims["num_mel_bins"])
     processor = WhisperProcessor(feature_extractor=feature_extractor, tokenizer=tokenizer)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with staged_dir(out_dir) as tmp:
         model.to(torch.float16 if fp16 else torch.float32).save_pretrained(tmp)
         processor.save_pretrained(tmp)
         (tmp / "quasr_source.json").write_text(json.dumps({"converted_from": str(src), "format": "ctranslate2"}))
-        replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir

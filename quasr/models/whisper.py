@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from quasr.data.utterance import SAMPLE_RATE
+from quasr.decoding import Decoding, DecodingError, Transcript
 from quasr.models.base import AsrModel
 from quasr.progress import progress_bar
 
@@ -27,7 +28,19 @@ class WhisperAsr(AsrModel):
     def from_pretrained(cls, path_or_id: str, spec: str | None = None, name: str | None = None, **kwargs):
         from transformers import WhisperForConditionalGeneration, WhisperProcessor
 
-        model = WhisperForConditionalGeneration.from_pretrained(path_or_id, dtype=torch.float32, **kwargs)
+        from quasr.errors import ModelError
+
+        model, loading = WhisperForConditionalGeneration.from_pretrained(path_or_id, dtype=torch.float32,
+                                                                         output_loading_info=True, **kwargs)
+        missing = sorted(set(loading.get("missing_keys") or []))
+        mismatched = [k for k, *_ in loading.get("mismatched_keys") or []]
+        if missing or mismatched:  # transformers would leave these at their random initial values
+            packed = any(str(k).endswith(".weight_packed") for k in loading.get("unexpected_keys") or [])
+            hint = ("; it holds quasr's packed low-bit tensors: a quasr checkpoint whose quasr_checkpoint.json is "
+                    "missing (restore it, or quantize again)") if packed else ""
+            bad = missing or mismatched
+            raise ModelError(f"{path_or_id}: {len(bad)} weight(s) {'missing' if missing else 'of the wrong shape'} "
+                             f"(e.g. {', '.join(bad[:3])}); refusing a model with randomly initialized weights{hint}")
         processor = WhisperProcessor.from_pretrained(path_or_id, **kwargs)
         return cls(model, processor, spec=spec or str(path_or_id), name=name)
 
@@ -39,40 +52,173 @@ class WhisperAsr(AsrModel):
     def multilingual(self) -> bool:
         return bool(getattr(self.model.generation_config, "is_multilingual", False))
 
-    def _generate_kwargs(self, num_beams: int) -> dict:
-        kw = dict(num_beams=num_beams, do_sample=False)
-        if self.multilingual:
-            kw.update(language=self.language, task="transcribe")
-        return kw
+    @torch.inference_mode()
+    def transcribe(self, audios: Sequence[np.ndarray], batch_size: int = 8, decoding: Decoding | None = None,
+                   progress: bool = True, desc: str = "transcribe") -> list[str]:
+        """One text per input (see `transcribe_detailed`)."""
+        return [t.text for t in self.transcribe_detailed(audios, batch_size, decoding, progress, desc)]
 
     @torch.inference_mode()
-    def transcribe(self, audios: Sequence[np.ndarray], batch_size: int = 8, num_beams: int = 1,
-                   progress: bool = True, desc: str = "transcribe") -> list[str]:
-        """Greedy (or beam) decoding. Audio up to 30 s is batched; longer audio is decoded long-form
-        (sequential 30 s windows with timestamp tokens, as transformers implements it), never truncated."""
+    def transcribe_detailed(self, audios: Sequence[np.ndarray], batch_size: int = 8, decoding: Decoding | None = None,
+                            progress: bool = True, desc: str = "transcribe") -> list[Transcript]:
+        """Decode 16 kHz audio with a policy (default: `standard`, see quasr.decoding) through transformers'
+        Whisper `generate`, which implements the temperature fallback, the no-speech check and long-form
+        seeking. Audio up to 30 s is batched; longer audio is decoded long-form (sequential 30 s windows with
+        timestamp tokens), never truncated. Two details follow openai-whisper instead of transformers' defaults:
+        the compression ratio is computed on the text, not on the token ids, and (for standard and beam) the
+        features are the log-mel of the audio followed by zeros up to 30 s, not the log-mel of 30 s of padded
+        audio. Each Transcript records how many windows were decoded, fell back or were skipped as silent."""
+        decoding = decoding or Decoding()
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise DecodingError(f"batch size must be a positive integer, got {batch_size!r}")
         limit = int(WINDOW_SECONDS * SAMPLE_RATE)
         short = [i for i, a in enumerate(audios) if len(a) <= limit]
         long = [i for i, a in enumerate(audios) if len(a) > limit]
-        out: list[str | None] = [None] * len(audios)
-        fe = self.processor.feature_extractor
+        out: list[Transcript | None] = [None] * len(audios)
         with progress_bar(progress) as bar:
-            task = bar.add_task(f"{desc} ({self.name})", total=len(audios))
+            task = bar.add_task(f"{desc} ({self.name}, {decoding.label})", total=len(audios))
             for start in range(0, len(short), batch_size):
                 idx = short[start:start + batch_size]
-                feats = fe([audios[i] for i in idx], sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features
-                ids = self.model.generate(input_features=feats.to(self.model.dtype), **self._generate_kwargs(num_beams))
-                for i, text in zip(idx, self.processor.batch_decode(ids, skip_special_tokens=True)):
-                    out[i] = text.strip()
+                feats = self._features([audios[i] for i in idx], decoding)
+                for i, t in zip(idx, self._decode(feats, None, decoding, seed=start)):
+                    out[i] = t
                 bar.advance(task, len(idx))
             for i in long:
-                inputs = fe(audios[i], sampling_rate=SAMPLE_RATE, return_tensors="pt", truncation=False,
-                            padding="longest", return_attention_mask=True)
-                ids = self.model.generate(input_features=inputs.input_features.to(self.model.dtype),
-                                          attention_mask=inputs.attention_mask, return_timestamps=True,
-                                          condition_on_prev_tokens=False, **self._generate_kwargs(num_beams))
-                out[i] = self.processor.batch_decode(ids, skip_special_tokens=True)[0].strip()
+                feats, mask = self._long_features(audios[i], decoding)
+                [out[i]] = self._decode(feats, mask, decoding, seed=limit + i)
                 bar.advance(task, 1)
         return out  # type: ignore[return-value]
+
+    def _features(self, audios: list[np.ndarray], decoding: Decoding) -> torch.Tensor:
+        """[batch, mels, 3000] log-mel features of audio up to 30 s."""
+        fe = self.processor.feature_extractor
+        if not decoding.openai_features:  # the extractor pads the audio to 30 s, then takes its log-mel
+            return fe(audios, sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features.to(self.model.dtype)
+        return torch.stack([self._openai_features(a, pad_to=fe.nb_max_frames) for a in audios]).to(self.model.dtype)
+
+    def _openai_features(self, audio: np.ndarray, pad_to: int | None = None) -> torch.Tensor:
+        """openai-whisper's `transcribe` features: the log-mel spectrogram of the audio followed by 30 s of zero
+        samples (so normalization and the last frames see what openai-whisper's do), cut to the audio's own
+        len // hop frames, then (pad_to) zeros in feature space up to the window length, as its `pad_or_trim`."""
+        fe = self.processor.feature_extractor
+        n = len(audio) // fe.hop_length
+        padded = np.concatenate([np.asarray(audio, dtype=np.float32), np.zeros(fe.n_samples, dtype=np.float32)])
+        f = fe(padded, sampling_rate=SAMPLE_RATE, return_tensors="pt", truncation=False,
+               padding="longest").input_features[0, :, :n]
+        if pad_to is not None and n < pad_to:
+            f = torch.nn.functional.pad(f, (0, pad_to - n))
+        return f
+
+    def _long_features(self, audio: np.ndarray, decoding: Decoding):
+        """Features of audio longer than 30 s, for long-form decoding: [1, mels, frames] and their mask."""
+        if decoding.openai_features:
+            f = self._openai_features(audio)[None]
+            return f.to(self.model.dtype), torch.ones(f.shape[0], f.shape[-1], dtype=torch.long)
+        inputs = self.processor.feature_extractor(audio, sampling_rate=SAMPLE_RATE, return_tensors="pt",
+                                                  truncation=False, padding="longest", return_attention_mask=True)
+        return inputs.input_features.to(self.model.dtype), inputs.attention_mask
+
+    def _decode(self, feats: torch.Tensor, mask, decoding: Decoding, seed: int) -> list[Transcript]:
+        """One `generate` call under the policy, with its fallback decisions logged per input."""
+        import copy
+
+        gc = copy.deepcopy(self.model.generation_config)
+        # set every threshold explicitly (None included), so that a hub model's generation config adds nothing
+        gc.compression_ratio_threshold = decoding.compression_ratio_threshold
+        gc.logprob_threshold = decoding.logprob_threshold
+        gc.no_speech_threshold = decoding.no_speech_threshold
+        gc.condition_on_prev_tokens = decoding.condition_on_previous_text
+        kw = dict(generation_config=gc, temperature=tuple(decoding.temperatures), num_beams=decoding.beams,
+                  return_timestamps=decoding.timestamps or feats.shape[-1] > self._window_frames)
+        for k in ("compression_ratio_threshold", "logprob_threshold", "no_speech_threshold"):
+            if getattr(decoding, k) is not None:  # as arguments too: generate asks for the scores it needs then
+                kw[k] = getattr(decoding, k)
+        if mask is not None:
+            kw["attention_mask"] = mask
+        if self.multilingual:
+            kw.update(language=self.language, task="transcribe")
+        log = FallbackLog(self.model, self.processor.tokenizer, len(feats))
+        with log, torch.random.fork_rng(devices=[]):
+            torch.manual_seed(decoding.seed * 1_000_003 + seed)  # the sampled fallbacks of this call
+            ids = self.model.generate(input_features=feats, **kw)
+        texts = self.processor.batch_decode(ids, skip_special_tokens=True)
+        return [log.transcript(i, text.strip(), decoding) for i, text in enumerate(texts)]
+
+    @property
+    def _window_frames(self) -> int:
+        return self.processor.feature_extractor.nb_max_frames
+
+
+class FallbackLog:
+    """Records, per input of one `generate` call, transformers' temperature-fallback decisions, and makes its
+    compression ratio openai-whisper's (computed on the decoded text; transformers computes it on token ids,
+    where the threshold 2.4 means something else).
+
+    It wraps three methods of the model instance for the duration of the call (`with log:`):
+    `generate_with_fallback` (once per window round: which batch entries are active),
+    `_need_fallback` (once per decode: its temperature and verdict) and `_retrieve_compression_ratio`.
+    The decodes of a round come in batch order; a later temperature re-decodes exactly the entries that needed
+    a fallback, in order, which maps each verdict to its input. tests/test_decoding.py checks this against
+    forced fallbacks, so a change in transformers' loop shows there.
+    """
+
+    def __init__(self, model, tokenizer, n: int):
+        self.model, self.tokenizer = model, tokenizer
+        self.windows: list[list[dict]] = [[] for _ in range(n)]
+        self._active: list[int] = []
+        self._round: list[tuple[int, bool]] = []
+        self._temperature = None
+
+    def __enter__(self):
+        cls, model = type(self.model), self.model
+        ts_begin = self.model.generation_config.no_timestamps_token_id + 1
+
+        def generate_with_fallback(*args, **kw):
+            self._active = [int(b) for b in kw["batch_idx_map"][:kw["cur_bsz"]]]
+            self._round, self._temperature = [], None
+            for b in self._active:
+                self.windows[b].append({"temperatures": [], "fallback": False, "skipped": False})
+            return cls.generate_with_fallback(model, *args, **kw)
+
+        def need_fallback(seek_sequence, seek_outputs, index, *args):
+            needs, skip = cls._need_fallback(model, seek_sequence, seek_outputs, index, *args)
+            temperature = args[-1]
+            if temperature != self._temperature:  # a new round: the entries that needed a fallback, in order
+                if self._temperature is not None:
+                    self._active = [b for b, n in self._round if n]
+                self._round, self._temperature = [], temperature
+            b = self._active[index]
+            w = self.windows[b][-1]
+            w["temperatures"].append(float(temperature or 0.0))
+            w["fallback"] = w["fallback"] or needs
+            w["skipped"] = bool(skip)
+            self._round.append((b, bool(needs)))
+            return needs, skip
+
+        def compression_ratio(tokens, vocab_size):
+            from quasr.decoding import text_compression_ratio
+
+            ids = [t for t in tokens.tolist() if t < ts_begin]
+            return text_compression_ratio(self.tokenizer.decode(ids, skip_special_tokens=True).strip())
+
+        model.generate_with_fallback = generate_with_fallback
+        model._need_fallback = need_fallback
+        model._retrieve_compression_ratio = compression_ratio
+        return self
+
+    def __exit__(self, *exc):
+        for name in ("generate_with_fallback", "_need_fallback", "_retrieve_compression_ratio"):
+            self.model.__dict__.pop(name, None)
+        return False
+
+    def transcript(self, i: int, text: str, decoding: Decoding) -> Transcript:
+        ws = self.windows[i]
+        if not ws:  # transformers decoded this input without its fallback loop (should not happen)
+            return Transcript(text, temperature=decoding.temperatures[0])
+        return Transcript(text, windows=len(ws), fallbacks=sum(len(w["temperatures"]) - 1 for w in ws),
+                          fallback_windows=sum(len(w["temperatures"]) > 1 for w in ws),
+                          skipped_windows=sum(w["skipped"] for w in ws),
+                          temperature=ws[-1]["temperatures"][-1] if ws[-1]["temperatures"] else None)
 
 
 def quiet_transformers() -> None:

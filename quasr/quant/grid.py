@@ -15,7 +15,11 @@ from quasr.errors import QuasrError
 
 
 class QuantConfigError(QuasrError, ValueError):
-    pass
+    """A quantization setting that cannot work; `option` names the setting (the CLI shows it as --option)."""
+
+    def __init__(self, message: str, option: str | None = None):
+        super().__init__(message)
+        self.option = option
 
 
 @dataclass(frozen=True)
