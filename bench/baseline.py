@@ -12,15 +12,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from quasr import numerics
-
-numerics.pin()  # before torch is imported (quasr.numerics)
-
-from quasr.bench import eval_cell, print_records  # noqa: E402
-from quasr.decoding import parse_decoding  # noqa: E402
-from quasr.models import load_model  # noqa: E402
-from quasr.models.whisper import quiet_transformers  # noqa: E402
-from quasr.results import ResultsFile  # noqa: E402
+from quasr.bench import eval_cell, print_records
+from quasr.decoding import parse_decoding
+from quasr.models import load_model
+from quasr.models.whisper import quiet_transformers
+from quasr.results import ResultsFile
 
 RESULTS = Path(__file__).parent / "results"
 

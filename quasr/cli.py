@@ -27,14 +27,6 @@ MAX_SKIPPED_SHOWN = 20
 @app.callback()
 def _root() -> None:
     """quasr: quantize speech recognition models and measure what it cost."""
-    from quasr import numerics
-
-    try:
-        # before torch is imported: the same results on every AVX2 machine (quasr.numerics); called in-process
-        # after torch (as by tests), it changes nothing and every record says "native"
-        numerics.pin(warn=False)
-    except QuasrError as e:
-        _fail(e)
 
 
 def _fail(e: Exception) -> None:
@@ -219,8 +211,14 @@ def quantize_cmd(
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable calibration items (listed)"),
     progress: bool = typer.Option(True, help="Show progress bars"),
 ):
-    """Quantize a model layer by layer and write a low-bit checkpoint."""
+    """Quantize a model layer by layer and write a low-bit checkpoint (the same bytes on every AVX2 machine unless
+    QUASR_NUMERICS=native: see quasr.numerics)."""
     try:
+        from quasr import numerics
+
+        # before torch is imported; called in-process after torch (as by tests) it changes nothing, and the
+        # checkpoint's recipe says "native"
+        numerics.pin(warn=False)
         import resource
 
         from quasr import checkpoint

@@ -9,9 +9,11 @@ of the codes, and the same recipe scored 11.7 % and 7.9 % WER on two machines. O
 settings the result is bit-identical, also under CPU contention.
 
 `pin()` fixes all three to AVX2 (MKL in its strict conditional-numerical-reproducibility mode) before torch is
-imported, so a machine with AVX-512 computes what an AVX2-only machine computes. quasr's command line and
-benchmark scripts call it first thing; from Python, call `quasr.numerics.pin()` before importing torch.
-`QUASR_NUMERICS=native` leaves torch's own choices (faster on AVX-512 machines, not portable). Values the user
+imported, so a machine with AVX-512 computes what an AVX2-only machine computes. `quasr quantize` calls it
+first thing (quantizing tiny.en with GPTQ W4 then takes about 1.3x as long on an AVX-512 machine); from
+Python, call `quasr.numerics.pin()` before importing torch. Evaluation does not pin: transcribing is 1.5-2x
+slower with AVX2 kernels there, and a transcript that differs in the last bits is within what the paired
+intervals measure. `QUASR_NUMERICS=native` leaves torch's own choices for quantization too. Values the user
 has set in the environment are kept. `state()` says what is in effect; every results record and checkpoint
 stores it.
 """

@@ -111,3 +111,17 @@ def test_standard_features_are_openai_whispers(tiny, audios):
     assert f.shape == g.shape == (80, 3000)
     assert float(f[:, n:].abs().max()) == 0.0 and float(g[:, n + 5:].abs().min()) > 0
     np.testing.assert_allclose(f[:, : n - 2].numpy(), g[:, : n - 2].numpy(), atol=1e-5)  # the same speech frames
+
+
+@pytest.mark.slow
+def test_silence_is_skipped_and_fallback_rounds_read_their_own_no_speech_probability(tiny, audios):
+    """openai-whisper's no-speech check: a silent window is skipped (empty text), speech is not. With every
+    spoken window forced to fall back (log-prob threshold 0), the second round decodes only the speech, and
+    must read the speech's own no-speech probability, not the silent input's that came first in the batch."""
+    silence = np.zeros(3 * 16000, dtype=np.float32)
+    out = tiny.transcribe_detailed([silence, audios[1], silence], decoding=parse_decoding("standard"), progress=False)
+    assert [(t.text == "", t.skipped_windows) for t in out] == [(True, 1), (False, 0), (True, 1)]
+    forced = Decoding(temperatures=(0.0, 0.5), logprob_threshold=0.0, compression_ratio_threshold=None)
+    out = tiny.transcribe_detailed([silence, audios[1]], decoding=forced, progress=False)
+    assert (out[0].skipped_windows, out[0].fallbacks, out[0].text) == (1, 0, "")
+    assert (out[1].skipped_windows, out[1].fallbacks) == (0, 1) and out[1].text

@@ -126,22 +126,27 @@ class WhisperAsr(AsrModel):
         # set every threshold explicitly (None included), so that a hub model's generation config adds nothing
         gc.compression_ratio_threshold = decoding.compression_ratio_threshold
         gc.logprob_threshold = decoding.logprob_threshold
-        gc.no_speech_threshold = decoding.no_speech_threshold
+        gc.no_speech_threshold = None  # FallbackLog makes the no-speech check (see there)
         gc.condition_on_prev_tokens = decoding.condition_on_previous_text
+        timestamps = decoding.timestamps or feats.shape[-1] > self._window_frames
         kw = dict(generation_config=gc, temperature=tuple(decoding.temperatures), num_beams=decoding.beams,
-                  return_timestamps=decoding.timestamps or feats.shape[-1] > self._window_frames)
-        for k in ("compression_ratio_threshold", "logprob_threshold", "no_speech_threshold"):
+                  return_timestamps=timestamps)
+        for k in ("compression_ratio_threshold", "logprob_threshold"):
             if getattr(decoding, k) is not None:  # as arguments too: generate asks for the scores it needs then
                 kw[k] = getattr(decoding, k)
         if mask is not None:
             kw["attention_mask"] = mask
         if self.multilingual:
             kw.update(language=self.language, task="transcribe")
-        log = FallbackLog(self.model, self.processor.tokenizer, len(feats))
+        # the prompt ends with <|startoftranscript|> [language, task] [<|notimestamps|>]
+        sot_from_end = 1 + (2 if self.multilingual else 0) + (0 if timestamps else 1)
+        log = FallbackLog(self.model, self.processor.tokenizer, len(feats), decoding, sot_from_end)
         with log, torch.random.fork_rng(devices=[]):
             torch.manual_seed(decoding.seed * 1_000_003 + seed)  # the sampled fallbacks of this call
             ids = self.model.generate(input_features=feats, **kw)
-        texts = self.processor.batch_decode(ids, skip_special_tokens=True)
+        # transformers pads an input whose every window was skipped as silent with a float tensor, which turns
+        # the whole batch to float (token ids are exact in float32)
+        texts = self.processor.batch_decode(ids.round().long(), skip_special_tokens=True)
         return [log.transcript(i, text.strip(), decoding) for i, text in enumerate(texts)]
 
     @property
@@ -150,39 +155,77 @@ class WhisperAsr(AsrModel):
 
 
 class FallbackLog:
-    """Records, per input of one `generate` call, transformers' temperature-fallback decisions, and makes its
-    compression ratio openai-whisper's (computed on the decoded text; transformers computes it on token ids,
-    where the threshold 2.4 means something else).
+    """Records, per input of one `generate` call, transformers' temperature-fallback decisions, and makes two of
+    its checks openai-whisper's:
 
-    It wraps three methods of the model instance for the duration of the call (`with log:`):
-    `generate_with_fallback` (once per window round: which batch entries are active),
-    `_need_fallback` (once per decode: its temperature and verdict) and `_retrieve_compression_ratio`.
-    The decodes of a round come in batch order; a later temperature re-decodes exactly the entries that needed
-    a fallback, in order, which maps each verdict to its input. tests/test_decoding.py checks this against
-    forced fallbacks, so a change in transformers' loop shows there.
+    - the compression ratio is computed on the decoded text (transformers computes it on the token ids, where the
+      threshold 2.4 means something else);
+    - the no-speech check (a window is skipped as silent when P(<|nospeech|>) at the <|startoftranscript|>
+      position exceeds the threshold and the mean log-probability is below its threshold) takes that probability
+      from the logits of the first decoding step, as openai-whisper does. transformers' own check runs the whole
+      model again for multilingual prompts, and in a fallback round it reads the probability of the wrong input
+      (it keeps the full batch's while the round decodes only the inputs that fell back);
+    - which windows are skipped: transformers records a round's verdicts by position in that round, so a later
+      round overwrites the skip of the input that held the position in the first round (a silent window then
+      comes back as text); the log returns each input's own verdict.
+
+    It wraps, for the duration of the call (`with log:`), three methods of the model instance:
+    `generate_with_fallback` (once per window round: which batch entries are active), `_need_fallback` (once per
+    decode: its temperature and verdict) and `_retrieve_compression_ratio`; and it hooks the output projection to
+    read the first step's logits. The decodes of a round come in batch order; a later temperature re-decodes
+    exactly the entries that needed a fallback, in order, which maps each verdict to its input.
+    tests/test_decoding.py checks this against forced fallbacks, so a change in transformers' loop shows there.
     """
 
-    def __init__(self, model, tokenizer, n: int):
+    def __init__(self, model, tokenizer, n: int, decoding: Decoding | None = None, sot_from_end: int = 1):
         self.model, self.tokenizer = model, tokenizer
+        self.decoding = decoding or Decoding()
+        self.sot_from_end = sot_from_end
         self.windows: list[list[dict]] = [[] for _ in range(n)]
         self._active: list[int] = []
         self._round: list[tuple[int, bool]] = []
         self._temperature = None
+        self._first_step = True
+        self._no_speech: torch.Tensor | None = None
+        self._hook = None
 
     def __enter__(self):
-        cls, model = type(self.model), self.model
+        cls, model, d = type(self.model), self.model, self.decoding
         ts_begin = self.model.generation_config.no_timestamps_token_id + 1
+        no_speech_id = self.model.generation_config.no_timestamps_token_id - 1  # <|nospeech|> (<|nocaptions|>)
 
         def generate_with_fallback(*args, **kw):
-            self._active = [int(b) for b in kw["batch_idx_map"][:kw["cur_bsz"]]]
-            self._round, self._temperature = [], None
-            for b in self._active:
+            batch = [int(b) for b in kw["batch_idx_map"][:kw["cur_bsz"]]]
+            self._active, self._round, self._temperature, self._first_step = batch, [], None, True
+            for b in batch:
                 self.windows[b].append({"temperatures": [], "fallback": False, "skipped": False})
-            return cls.generate_with_fallback(model, *args, **kw)
+            seqs, outs, _, condition, kind = cls.generate_with_fallback(model, *args, **kw)
+            # transformers fills its skip list by each round's position, so a later round overwrites the verdict
+            # of whichever input held that position in the first round; the log keeps each input's own
+            return seqs, outs, [self.windows[b][-1]["skipped"] for b in batch], condition, kind
 
-        def need_fallback(seek_sequence, seek_outputs, index, *args):
-            needs, skip = cls._need_fallback(model, seek_sequence, seek_outputs, index, *args)
-            temperature = args[-1]
+        def first_step_logits(module, inputs, output):
+            if self._first_step:  # [rows, prompt length, vocab]; beam search repeats each input num_beams times
+                rows = output[:: max(1, d.beams), -self.sot_from_end].float()
+                self._no_speech = rows.softmax(dim=-1)[:, no_speech_id]
+                self._first_step = False
+
+        def need_fallback(seek_sequence, seek_outputs, index, logits_processor, generation_config, vocab_size,
+                          temperature):
+            needs, skip = cls._need_fallback(model, seek_sequence, seek_outputs, index, logits_processor,
+                                             generation_config, vocab_size, temperature)
+            self._first_step = True  # the next forward pass is the first step of the next decode
+            if d.no_speech_threshold is not None and self._no_speech is not None:
+                silent = float(self._no_speech[index]) > d.no_speech_threshold
+                if silent and d.logprob_threshold is not None:
+                    if hasattr(seek_outputs[0], "sequences_scores"):
+                        logprob = float(seek_outputs[index]["sequences_scores"])
+                    else:
+                        logprob = float(model._retrieve_avg_logprobs(seek_outputs[index]["scores"], seek_sequence,
+                                                                     temperature))
+                    silent = logprob < d.logprob_threshold
+                if silent:
+                    needs, skip = False, True
             if temperature != self._temperature:  # a new round: the entries that needed a fallback, in order
                 if self._temperature is not None:
                     self._active = [b for b, n in self._round if n]
@@ -204,11 +247,14 @@ class FallbackLog:
         model.generate_with_fallback = generate_with_fallback
         model._need_fallback = need_fallback
         model._retrieve_compression_ratio = compression_ratio
+        self._hook = model.get_output_embeddings().register_forward_hook(first_step_logits)
         return self
 
     def __exit__(self, *exc):
         for name in ("generate_with_fallback", "_need_fallback", "_retrieve_compression_ratio"):
             self.model.__dict__.pop(name, None)
+        if self._hook is not None:
+            self._hook.remove()
         return False
 
     def transcript(self, i: int, text: str, decoding: Decoding) -> Transcript:
