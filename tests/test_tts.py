@@ -124,3 +124,27 @@ def test_changed_text_changes_the_cache_key(tiny, tmp_path, monkeypatch):
 def test_unknown_split(tiny, tmp_path):
     with pytest.raises(DataError, match="unknown split"):
         tts.ensure_tts("train", cache_dir=tmp_path)
+
+
+def test_manifest_records_hashes_and_a_changed_voice_is_reported(tiny, tmp_path, monkeypatch, capsys):
+    ref = tmp_path / "ref.json"
+    monkeypatch.setattr(tts, "REFERENCE", ref)
+    manifest = tts.ensure_tts("test", cache_dir=tmp_path / "a", progress=False)
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+    assert all(len(r["sha256"]) == 64 for r in rows)
+    tts.write_reference({"test": manifest})
+    assert tts.differences(manifest, "test") == []
+    # another machine whose engine differs by one sample step for one voice
+    louder = lambda text: (fake_engine(text)[0] * 1.001, 22050)  # noqa: E731
+    monkeypatch.setattr(tts, "VOICES", {**{n: fake_engine for n in tts.VOICES}, "hibari": louder})
+    other = tts.ensure_tts("test", cache_dir=tmp_path / "b", progress=False)
+    hibari = [r["id"] for r in rows if r["speaker"] == "hibari"]
+    assert tts.differences(other, "test") == hibari
+    assert f"{len(hibari)} of {len(rows)} utterances differ" in capsys.readouterr().err
+
+
+def test_the_built_sets_match_the_committed_reference():
+    """The synthetic sets this machine builds are byte for byte the ones the committed results were measured on
+    (quasr/data/tts_reference.json)."""
+    for split in tts.SPLITS:
+        assert tts.differences(tts.ensure_tts(split, progress=False), split) == []

@@ -194,7 +194,7 @@ def ensure_tts(split: str, cache_dir: Path | None = None, progress: bool = True)
         uid = f"tts-{split}-{i + 1:04d}"
         rows.append({"id": uid, "audio": f"{split}/{uid}.wav", "text": text, "speaker": names[i % len(names)]})
     todo = [r for r in rows if not _readable(root / r["audio"])]
-    if manifest.exists() and not todo:
+    if manifest.exists() and not todo and _has_hashes(manifest):
         return manifest
 
     (root / split).mkdir(parents=True, exist_ok=True)
@@ -202,6 +202,42 @@ def ensure_tts(split: str, cache_dir: Path | None = None, progress: bool = True)
         for row in bar.track(todo, description=f"tts {split}: synthesizing {len(todo)} sentences"):
             audio = synthesize(row["speaker"], row["text"])
             _atomic(root / row["audio"], lambda tmp: sf.write(tmp, audio, SAMPLE_RATE, "PCM_16", format="WAV"))
+    for row in rows:  # the bytes of every utterance, to compare with the reference (see `differences`)
+        row["sha256"] = hashlib.sha256((root / row["audio"]).read_bytes()).hexdigest()
     lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     _atomic(manifest, lambda tmp: tmp.write_text(lines, encoding="utf-8"))
+    diff = differences(manifest, split)
+    if diff:
+        from quasr.progress import console
+
+        voices = sorted({r["speaker"] for r in rows if r["id"] in diff})
+        console.print(f"[yellow]note:[/] tts:{split}: {len(diff)} of {len(rows)} utterances differ in their bytes from "
+                      f"the reference set (voices: {', '.join(voices)}); results on this set may differ slightly "
+                      f"from other machines' (quasr/data/tts_reference.json)", highlight=False)
     return manifest
+
+
+REFERENCE = Path(__file__).with_name("tts_reference.json")
+
+
+def _has_hashes(manifest: Path) -> bool:
+    return all("sha256" in json.loads(line) for line in manifest.read_text(encoding="utf-8").splitlines() if line)
+
+
+def differences(manifest: Path, split: str) -> list[str]:
+    """Ids of utterances whose wav bytes differ from the committed reference hashes (quasr/data/
+    tts_reference.json). The engines are deterministic on one machine; the neural voices (onnxruntime) choose
+    their kernels by CPU, so another CPU may synthesize some samples one step apart."""
+    if not REFERENCE.exists():
+        return []
+    ref = json.loads(REFERENCE.read_text()).get(split, {})
+    rows = [json.loads(line) for line in manifest.read_text(encoding="utf-8").splitlines() if line]
+    return [r["id"] for r in rows if ref.get(r["id"]) not in (None, r.get("sha256"))]
+
+
+def write_reference(manifests: dict[str, Path]) -> None:
+    """Record the sha256 of every utterance of the built splits as the reference (run once, commit the file)."""
+    out = {"format": FORMAT}
+    for split, m in manifests.items():
+        out[split] = {r["id"]: r["sha256"] for r in map(json.loads, m.read_text(encoding="utf-8").splitlines()) if r}
+    _atomic(REFERENCE, lambda tmp: tmp.write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8"))
