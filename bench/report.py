@@ -207,6 +207,7 @@ def ptq(path: Path, decoding: str | None = None, resamples: int = 10_000) -> str
                     + [timed(by_set[s].mean_std("sec_per_utt")[0], busy) if s in by_set else None for s in sets])
     n = {s: next(r["n_utts"] for r in recs if r["data"] == s) for s in sets}
     dec = next(iter({str(r.get("decoding")) for r in recs}), None)
+    runaway = runaways({k: recipes[k] for k in order})
     sizes = ", ".join(f"{s}: {n[s]} utterances" for s in sets)
     fmt_int = lambda rows: [[round(c) if isinstance(c, float) and i == 4 else c for i, c in enumerate(r)] for r in rows]  # noqa: E731
     out = [f"Decoding: {dec}; normalizer: {d['normalizer']}; {sizes}. Commands:", "", commands(d), "",
@@ -214,6 +215,7 @@ def ptq(path: Path, decoding: str | None = None, resamples: int = 10_000) -> str
            "temperature):", "",
            md(acc, ["model", "method", "weights", "seeds"] + [f"WER {s} %" for s in sets]
               + [f"rare-WER {s} %" for s in sets] + [f"fell back {s}" for s in sets]), "",
+           runaway, "",
            "Paired comparisons (Δ WER in points of the seed-mean model, 95 % bootstrap interval over utterances, "
            f"{resamples:,} resamples; † the interval excludes zero; utterances with fewer / more errors):", "",
            md(pair, ["model", "method", "weights", "seeds"]
@@ -224,6 +226,32 @@ def ptq(path: Path, decoding: str | None = None, resamples: int = 10_000) -> str
                               "speed vs fp"] + [f"s/utt {s}" for s in sets]), "",
            f"\\* timed while other work shared the CPUs (load average above {BUSY_LOAD})."]
     return "\n".join(out)
+
+
+def runaways(recipes: dict[tuple, dict[str, Recipe]], factor: int = 3, extra: int = 10) -> str:
+    """Per weight width: how many scored utterances (each seed counted) have more errors than
+    factor × reference words + extra (a decode that ran away), and the worst one."""
+    out = []
+    widths = sorted({k[2] for k in recipes if k[2]}, reverse=True)
+    for bits in widths:
+        n = over = 0
+        worst = None
+        for key, by_set in recipes.items():
+            if key[2] != bits:
+                continue
+            for rec in by_set.values():
+                for r, utts in zip(rec.recs, rec.utts or []):
+                    for uid, (e, words) in utts.items():
+                        n += 1
+                        excess = e - (factor * words + extra)
+                        over += excess > 0
+                        if worst is None or excess > worst[0]:
+                            worst = (excess, uid, e, words, f"{label_of(dict(zip(RECIPE_KEYS, key)))} seed {r.get('seed')}")
+        if worst:
+            out.append(f"W{bits}: {over} of {n} scored utterances have more than {factor}× their reference words + "
+                       f"{extra} errors; the worst, {worst[1]} ({worst[4]}), has {worst[2]} errors on {worst[3]} "
+                       f"words.")
+    return "Runaway decodes: " + " ".join(out) if out else ""
 
 
 def label_of(k: dict) -> str:
