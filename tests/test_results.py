@@ -137,9 +137,9 @@ def test_report_intervals_flag_a_clear_difference(tmp_path):
 def test_report_refuses_mixed_decodings_and_bad_resamples(tmp_path, monkeypatch):
     report = _load_report()
     path = tmp_path / "ptq.json"
-    results = ResultsFile(path, "ptq")
+    results = ResultsFile(path, "ptq", option_keys=("embedding_bits",))
     _cells(tmp_path, results, [("rtn", None, [1, 2])])
-    results.add(record(model="m", method="rtn", bits=4, group_size=128, decoding="greedy", data="s", wer=1.0,
+    results.add(record(model="m", method="rtn", bits=4, group_size=128, embedding_bits=8, decoding="greedy", data="s", wer=1.0,
                        n_utts=2))
     with pytest.raises(SystemExit, match="mix decodings"):
         report.ptq(path)
