@@ -20,6 +20,11 @@ DATA_HELP = ("Speech source (repeatable): a manifest .jsonl, asterisk[:test|:cal
 GROUP_HELP = "Columns per scale group; 0 = one group per output channel"
 DECODING_HELP = ("standard (openai-whisper's defaults: temperature fallback, no-speech check, timestamps), "
                  "greedy (one pass, no fallback), or beamN (standard with beam search of width N)")
+METHOD_HELP = "rtn | gptq | qep | gptaq | fade"
+ALPHA_HELP = ("Compensation strength in [0, 1]: qep/gptaq's global alpha (default 0.5 / 0.25), fade's upper bound "
+              "of the per-layer alpha (default 1)")
+PAD_WEIGHT_HELP = ("Window mode: weight of padding frames against speech frames in the statistics (1 = as at "
+                   "inference, 0 = speech frames only)")
 TEMPERATURES_HELP = "Fallback temperatures, comma-separated (default for standard: 0,0.2,0.4,0.6,0.8,1)"
 MAX_SKIPPED_SHOWN = 20
 
@@ -168,8 +173,10 @@ def _quant_config(method: str, bits: int, group_size: int, alpha, embedding_bits
     cfg = QuantConfig(method=method, bits=bits, group_size=group_size or None, alpha=alpha,
                       embedding_bits=embedding_bits or None, **kw)
     cfg.check()
-    if get_method(method).needs_calibration and n_calib < MIN_CALIB:
-        raise QuantConfigError(f"{method} calibrates: it needs at least {MIN_CALIB} utterances, got {n_calib}",
+    m = get_method(method)
+    need = max(MIN_CALIB, m.min_calib)
+    if m.needs_calibration and n_calib < need:
+        raise QuantConfigError(f"{method} calibrates: it needs at least {need} utterances, got {n_calib}",
                                option="n_calib")
     return cfg
 
@@ -190,11 +197,12 @@ def _layer_table(report, max_rows: int = 200):
 @app.command("quantize")
 def quantize_cmd(
     model: str = typer.Option("whisper-tiny.en", "--model", "-m", help="Bundled name, model dir or hub id"),
-    method: str = typer.Option("gptq", help="rtn | gptq | qep | gptaq"),
+    method: str = typer.Option("gptq", help=METHOD_HELP),
     bits: int = typer.Option(4, help="Weight bits, 2-8"),
     group_size: int = typer.Option(128, help=GROUP_HELP),
-    alpha: Optional[float] = typer.Option(None, help="QEP/GPTAQ strength in [0, 1] (default 0.5 for qep, 0.25 "
-                                                     "for gptaq)"),
+    alpha: Optional[float] = typer.Option(None, help=ALPHA_HELP),
+    variant: Optional[str] = typer.Option(None, help="The method's variant (fade: split-vuln, split, size-vuln, "
+                                                     "split-size-vuln)"),
     sym: bool = typer.Option(False, help="Symmetric grid (no zero points)"),
     act_order: bool = typer.Option(False, help="GPTQ: columns by decreasing Hessian diagonal (static groups)"),
     mse: bool = typer.Option(False, help="Search a clipped range per group (MSE)"),
@@ -204,6 +212,7 @@ def quantize_cmd(
     encoder_frames: str = typer.Option("window", help="window (30 s, as at inference) | speech (cut after the audio)"),
     pad_stride: int = typer.Option(4, help="Window mode: statistics from every k-th padding frame, weighted by k "
                                            "(1 = every frame, exact but slower)"),
+    pad_weight: float = typer.Option(1.0, help=PAD_WEIGHT_HELP),
     calib: list[str] = typer.Option(["asterisk:calib", "tts:calib"], "--calib", help="Calibration source (repeatable)"),
     n_calib: int = typer.Option(128, help="Calibration utterances, sampled from the sources with --seed"),
     seed: int = typer.Option(0, help="Seed of the calibration sample"),
@@ -230,7 +239,7 @@ def quantize_cmd(
 
         cfg = _quant_config(method, bits, group_size, alpha, embedding_bits, n_calib, sym=sym, mse=mse,
                             act_order=act_order, layers=layers, percdamp=percdamp, encoder_frames=encoder_frames,
-                            pad_stride=pad_stride)
+                            pad_stride=pad_stride, pad_weight=pad_weight, variant=variant)
         checkpoint.check_target(out, "--out")
         quiet_transformers()
         utts = _calibration(calib, n_calib, seed, skip_bad) if get_method(method).needs_calibration else []
@@ -274,10 +283,11 @@ def _compare_table(fp, q, label: str, title: str):
 @app.command("compare")
 def compare_cmd(
     model: str = typer.Option("whisper-tiny.en", "--model", "-m", help="Bundled name, model dir or hub id"),
-    method: str = typer.Option("gptq", help="rtn | gptq | qep | gptaq"),
+    method: str = typer.Option("gptq", help=METHOD_HELP),
     bits: int = typer.Option(4, help="Weight bits, 2-8"),
     group_size: int = typer.Option(128, help=GROUP_HELP),
-    alpha: Optional[float] = typer.Option(None, help="QEP/GPTAQ strength in [0, 1]"),
+    alpha: Optional[float] = typer.Option(None, help=ALPHA_HELP),
+    variant: Optional[str] = typer.Option(None, help="The method's variant (see quasr quantize --help)"),
     embedding_bits: int = typer.Option(8, help="Bits of the tied token embedding / output head; 0 keeps FP32"),
     encoder_frames: str = typer.Option("window", help="window | speech (see quasr quantize --help)"),
     pad_stride: int = typer.Option(4, help="Window mode: every k-th padding frame, weight k (see quasr quantize --help)"),
@@ -309,7 +319,7 @@ def compare_cmd(
         from quasr.results import check_writable, command_line, machine_info, now, write_json
 
         cfg = _quant_config(method, bits, group_size, alpha, embedding_bits, n_calib, encoder_frames=encoder_frames,
-                            pad_stride=pad_stride)
+                            pad_stride=pad_stride, variant=variant)
         dec = _decoding(decoding, temperatures, decode_seed)
         _positive("--batch-size", batch_size)
         if save:

@@ -64,6 +64,9 @@ class QuantConfig:
     true_sequential: bool = True
     encoder_frames: str = "window"       # window (full 30 s, as at inference) | speech (cut after the audio)
     pad_stride: int = 4                  # window mode: statistics from every k-th frame after the speech, weight k
+    pad_weight: float = 1.0              # window mode: weight of padding frames against speech frames in the
+    #                                      statistics (1: as at inference; 0: speech frames only)
+    variant: str | None = None           # a method's variant (None: its default; see Method.variants)
 
     def grid(self) -> QuantGrid:
         return QuantGrid(self.bits, self.group_size, self.sym, self.mse)
@@ -98,6 +101,13 @@ class QuantConfig:
             bad("encoder_frames", f"encoder frames must be window or speech, got {self.encoder_frames!r}")
         if not isinstance(self.pad_stride, int) or self.pad_stride < 1:
             bad("pad_stride", f"the padding-frame stride must be a positive integer, got {self.pad_stride}")
+        if not (isinstance(self.pad_weight, (int, float)) and math.isfinite(self.pad_weight) and self.pad_weight >= 0):
+            bad("pad_weight", f"the padding-frame weight must be a finite number >= 0, got {self.pad_weight}")
+        method = get_method(self.method)
+        if self.variant is not None and self.variant not in method.variants:
+            bad("variant", f"{self.method} has no variant {self.variant!r}"
+                           + (f" (choose from {', '.join(method.variants)})" if method.variants else
+                              " (it has no variants)"))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -110,6 +120,19 @@ class QuantReport:
     seconds: float = 0.0
     n_calib: int = 0
     calib_ids: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Run:
+    """What every step of one quantize_ call shares."""
+    method: object
+    cfg: QuantConfig
+    quantized: dict
+    report: QuantReport
+    on_layer: Callable | None
+    ctx: object = None        # the method's prepare() result
+    bar: object = None
+    task: object = None
 
 
 class _Stop(Exception):
@@ -138,19 +161,19 @@ def _new_stats(linears: dict, need_fp: bool) -> dict[str, LayerStats]:
     return stats
 
 
-def _accumulate(name: str, s: LayerStats, xh: torch.Tensor, x: torch.Tensor | None, extra_hook, item) -> None:
+def _accumulate(s: LayerStats, xh: torch.Tensor, x: torch.Tensor | None, method, item) -> None:
     """Add one utterance's inputs of one Linear (rows are positions) to its statistics."""
     s.H.addmm_(xh.T, xh)
     s.n += xh.shape[0]
     if x is not None:
         s.H_delta.addmm_((x - xh).T, xh)
         s.XX.addmm_(x.T, x)
-    if extra_hook is not None:
-        extra_hook(name, s, xh, item)
+    if method.accumulate is not None:
+        method.accumulate(s, xh, x, item)
 
 
 def _collect(cal, block: Block, fp_block, names: list[str], items, hq, hf, ctx_q, ctx_f, need_fp: bool,
-             extra_hook=None) -> dict[str, LayerStats]:
+             method) -> dict[str, LayerStats]:
     """Run the group's part of the block on every calibration item, accumulating each Linear's statistics."""
     lin_q = {n: block.module.get_submodule(n) for n in names}
     stats = _new_stats(lin_q, need_fp)
@@ -169,7 +192,7 @@ def _collect(cal, block: Block, fp_block, names: list[str], items, hq, hf, ctx_q
     def q_hook(name):
         def hook(mod, inp, out):
             xh = inp[0].detach().reshape(-1, mod.in_features).float()
-            _accumulate(name, stats[name], xh, fp_inputs.get(name), extra_hook, current["item"])
+            _accumulate(stats[name], xh, fp_inputs.get(name), method, current["item"])
             seen.add(name)
             if len(seen) == len(names):
                 raise _Stop
@@ -224,7 +247,7 @@ def quantize_(asr, cfg: QuantConfig, calib=(), progress: bool = True, on_layer=N
     cfg.check()
     method = get_method(cfg.method)
     grid = cfg.grid()
-    cal = asr.calibration(cfg.encoder_frames, cfg.pad_stride)
+    cal = asr.calibration(cfg.encoder_frames, cfg.pad_stride, cfg.pad_weight)
     blocks = [b for b in cal.blocks if cfg.layers in ("all", b.stage)]
     _check_layers(asr, blocks, grid)
     if cfg.embedding_bits:
@@ -236,12 +259,17 @@ def quantize_(asr, cfg: QuantConfig, calib=(), progress: bool = True, on_layer=N
                                    "projection tied to the token embedding; this model's is not tied (use "
                                    "embedding_bits=None, --embedding-bits 0)")
     calib = list(calib)
-    if method.needs_calibration and len(calib) < MIN_CALIB:
+    need = max(MIN_CALIB, method.min_calib)
+    if method.needs_calibration and len(calib) < need:
         raise QuantConfigError(f"{cfg.method} needs calibration utterances: got {len(calib)}, need at least "
-                               f"{MIN_CALIB} (use --calib and --n-calib)")
+                               f"{need} (use --calib and --n-calib)", option="n_calib")
     report = QuantReport(cfg, n_calib=len(calib) if method.needs_calibration else 0,
                          calib_ids=[u.id for u in calib] if method.needs_calibration else [])
     quantized: dict[str, QuantizedWeight] = {}
+    run = _Run(method, cfg, quantized, report, on_layer)
+    if method.prepare is not None:
+        run.ctx = method.prepare({f"{b.name}.{n}": b.module.get_submodule(n).weight.detach().float()
+                                  for b in blocks for n in sum(b.groups, [])}, cfg)
 
     embed = asr.model.get_input_embeddings()
     fp_embed = embed.weight.detach().clone()
@@ -257,20 +285,21 @@ def quantize_(asr, cfg: QuantConfig, calib=(), progress: bool = True, on_layer=N
 
     n_linears = sum(len(g) for b in blocks for g in b.groups)
     with progress_bar(progress) as bar:
-        task = bar.add_task(f"{cfg.method} W{cfg.bits}" + (f"G{cfg.group_size}" if cfg.group_size else ""),
-                            total=n_linears)
+        run.bar, run.task = bar, bar.add_task(f"{cfg.method} W{cfg.bits}" + (f"G{cfg.group_size}" if cfg.group_size
+                                                                              else ""), total=n_linears)
         if not method.needs_calibration:
             for b in blocks:
                 for n in sum(b.groups, []):
-                    _solve_layer(b, n, None, method, cfg, quantized, report, on_layer)
-                    bar.advance(task)
+                    _solve_layer(run, b, n, None)
+                    bar.advance(run.task)
         else:
-            _walk(asr, cal, blocks, calib, method, cfg, fp_embed, quantized, report, bar, task, on_layer)
+            _walk(asr, cal, blocks, calib, run, fp_embed)
 
     pack_model(asr.model, quantized)
     report.seconds = time.perf_counter() - t0
     asr.method, asr.bits, asr.group_size = cfg.method, cfg.bits, cfg.group_size
     asr.recipe = {**cfg.to_dict(), "alpha": cfg.alpha if cfg.alpha is not None else method.default_alpha,
+                  "variant": cfg.variant or method.default_variant,
                   "n_calib": report.n_calib, "calib_ids": report.calib_ids, "numerics": numerics.state()}
     return report
 
@@ -289,12 +318,13 @@ def pack_model(model: torch.nn.Module, quantized: dict[str, QuantizedWeight]) ->
             raise QuantConfigError(f"{name}: cannot pack a {type(model.get_submodule(name)).__name__}")
 
 
-def _solve_layer(block: Block, n: str, stats: LayerStats | None, method, cfg, quantized, report, on_layer):
+def _solve_layer(run: _Run, block: Block, n: str, stats: LayerStats | None):
+    method, cfg = run.method, run.cfg
     lin = block.module.get_submodule(n)
     full = f"{block.name}.{n}"
     W = lin.weight.detach().float().clone()
     t = time.perf_counter()
-    qw, info = method.solve(W, stats, cfg, full)
+    qw, info = method.solve(W, stats, cfg, full, run.ctx)
     W_hat = qw.dequantize()
     row = {"name": full, "shape": list(W.shape), "bits": cfg.bits, "group_size": cfg.group_size,
            "method": cfg.method, "seconds": round(time.perf_counter() - t, 3),
@@ -307,15 +337,18 @@ def _solve_layer(block: Block, n: str, stats: LayerStats | None, method, cfg, qu
             row["err_asym"] = _asym_err(W, W_hat, stats)
     with torch.no_grad():
         lin.weight.copy_(W_hat.to(lin.weight.dtype))
-    quantized[full] = qw
-    report.layers.append(row)
-    if on_layer:
-        on_layer(row)
+    run.quantized[full] = qw
+    run.report.layers.append(row)
+    if run.on_layer:
+        run.on_layer(row)
 
 
-def _walk(asr, cal, blocks, calib, method, cfg, fp_embed, quantized, report, bar, task, on_layer):
+def _walk(asr, cal, blocks, calib, run: _Run, fp_embed):
+    method, cfg, bar, task = run.method, run.cfg, run.bar, run.task
     need_fp = method.needs_fp_stream
     items = cal.prepare(calib)
+    for i, item in enumerate(items):
+        item["index"] = i  # its place in the calibration set (methods may split the set by it)
     stage = None
     hq = hf = ctx_q = ctx_f = None
     for block in blocks:
@@ -340,16 +373,14 @@ def _walk(asr, cal, blocks, calib, method, cfg, fp_embed, quantized, report, bar
         fp_block = copy.deepcopy(block.module) if need_fp else None
         stages = cal.stages(block) if cfg.true_sequential and hasattr(cal, "stages") else None
         if stages:
-            hq, hf = _walk_stages(cal, block, fp_block, stages, items, hq, hf, ctx_q, ctx_f, method, cfg, quantized, report, bar, task,
-                                  on_layer)
+            hq, hf = _walk_stages(cal, block, fp_block, stages, items, hq, hf, ctx_q, ctx_f, run)
             continue
         groups = block.groups if cfg.true_sequential else [sum(block.groups, [])]
         for group in groups:
             bar.update(task, description=f"{cfg.method} {block.name}.{group[0].split('.')[0]}")
-            stats = _collect(cal, block, fp_block, group, items, hq, hf, ctx_q, ctx_f, need_fp,
-                             getattr(method, "extra_hook", None))
+            stats = _collect(cal, block, fp_block, group, items, hq, hf, ctx_q, ctx_f, need_fp, method)
             for n in group:
-                _solve_layer(block, n, stats[n], method, cfg, quantized, report, on_layer)
+                _solve_layer(run, block, n, stats[n])
                 bar.advance(task)
             del stats
         with torch.inference_mode():
@@ -358,11 +389,11 @@ def _walk(asr, cal, blocks, calib, method, cfg, fp_embed, quantized, report, bar
                 hf = [cal.run_block(block, fp_block, h, c) for h, c in zip(hf, ctx_f)]
 
 
-def _walk_stages(cal, block, fp_block, stages, items, hq, hf, ctx_q, ctx_f, method, cfg, quantized, report, bar, task, on_layer):
+def _walk_stages(cal, block, fp_block, stages, items, hq, hf, ctx_q, ctx_f, run: _Run):
     """Sequential calibration of one block through its adapter's stages: each part of the forward runs once per
     stream (instead of re-running the block up to every group), keeping only the per-utterance stage state."""
+    method, cfg, bar, task = run.method, run.cfg, run.bar, run.task
     need_fp = fp_block is not None
-    extra_hook = getattr(method, "extra_hook", None)
     sq = [(h,) if c is None else (h, c) for h, c in zip(hq, ctx_q)]
     sf = [(h,) if c is None else (h, c) for h, c in zip(hf, ctx_f)] if need_fp else None
     hq.clear()  # the states own the block inputs now: each is freed once its stage has moved past it
@@ -381,14 +412,12 @@ def _walk_stages(cal, block, fp_block, stages, items, hq, hf, ctx_q, ctx_f, meth
                     idx, sw = rows
                     xh = xh[idx] * sw[:, None]
                     x = x[idx] * sw[:, None] if x is not None else None
-                # the group's Linears share one input: accumulate once unless a method hooks per layer
-                for n in (st.names if extra_hook else st.names[:1]):
-                    _accumulate(n, stats[n], xh, x, extra_hook, item)
-        if not extra_hook:
-            for n in st.names[1:]:
-                stats[n] = copy.deepcopy(stats[st.names[0]])
+                # the group's Linears share one input: accumulate once
+                _accumulate(stats[st.names[0]], xh, x, method, item)
+        for n in st.names[1:]:
+            stats[n] = copy.deepcopy(stats[st.names[0]])
         for n in st.names:
-            _solve_layer(block, n, stats[n], method, cfg, quantized, report, on_layer)
+            _solve_layer(run, block, n, stats[n])
             bar.advance(task)
         del stats
         if st.advance is not None:

@@ -4,9 +4,19 @@ A method is one small file that registers a `Method`:
 
     register(Method("gptq", solve=solve))
 
-`solve(W, stats, cfg, name)` gets a layer's full-precision weight [out, in], its calibration statistics
+`solve(W, stats, cfg, name, ctx)` gets a layer's full-precision weight [out, in], its calibration statistics
 (`LayerStats`: H = Σ x̂x̂ᵀ over the partially quantized model's inputs, and when `needs_fp_stream`,
-H_Δ = Σ (x − x̂) x̂ᵀ and Σ x xᵀ from the full-precision model's inputs) and returns (QuantizedWeight, info).
+H_Δ = Σ (x − x̂) x̂ᵀ and Σ x xᵀ from the full-precision model's inputs) and returns (QuantizedWeight, info);
+numbers in `info` go into the layer's row of the report and the checkpoint's diagnostics.
+
+Declared steps a method may add (the engine calls them; no other hooks):
+    accumulate(stats, xh, x, item)   more statistics of a layer input, per calibration item (rows are positions;
+                                     x is None without the full-precision stream; item["index"] is the item's
+                                     place in the calibration set); kept in stats.extra. The Linears that read
+                                     the same input share one accumulation.
+    prepare(weights, cfg) -> ctx     once before the walk, over {layer name: full-precision weight} of every
+                                     layer to quantize (for statistics normalized across layers); ctx goes to
+                                     every solve call.
 """
 from __future__ import annotations
 
@@ -33,6 +43,11 @@ class Method:
     needs_fp_stream: bool = False        # H_Δ needs the full-precision model's inputs too
     default_alpha: float | None = None
     doc: str = ""
+    min_calib: int = 2                   # calibration utterances it needs at least
+    accumulate: Callable | None = None   # see the module docstring
+    prepare: Callable | None = None
+    variants: tuple[str, ...] = ()       # names accepted by QuantConfig.variant (the first is the default)
+    default_variant: str | None = None
 
 
 METHODS: dict[str, Method] = {}
@@ -44,7 +59,7 @@ def register(method: Method) -> Method:
 
 
 def get_method(name: str) -> Method:
-    from quasr.methods import gptaq, gptq, qep, rtn  # noqa: F401  (registration)
+    from quasr.methods import fade, gptaq, gptq, qep, rtn  # noqa: F401  (registration)
     from quasr.quant.grid import QuantConfigError
 
     if name not in METHODS:

@@ -3,7 +3,7 @@ from quasr.methods import Method, register
 from quasr.quant.gptq import gptq
 
 
-def solve(W, stats, cfg, name):
+def solve(W, stats, cfg, name, ctx=None):
     return gptq(W, stats.H, cfg.grid(), name=name, percdamp=cfg.percdamp, act_order=cfg.act_order)
 
 

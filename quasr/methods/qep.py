@@ -6,7 +6,7 @@ from quasr.methods import Method, register
 from quasr.quant.gptq import gptq, qep_correct
 
 
-def solve(W, stats, cfg, name):
+def solve(W, stats, cfg, name, ctx=None):
     alpha = cfg.alpha if cfg.alpha is not None else 0.5
     target = qep_correct(W, stats.H, stats.H_delta, alpha, percdamp=cfg.percdamp)
     qw, info = gptq(target, stats.H, cfg.grid(), name=name, percdamp=cfg.percdamp, act_order=cfg.act_order)

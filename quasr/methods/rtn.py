@@ -3,7 +3,7 @@ from quasr.methods import Method, register
 from quasr.quant.grid import rtn
 
 
-def solve(W, stats, cfg, name):
+def solve(W, stats, cfg, name, ctx=None):
     return rtn(W, cfg.grid(), name), {}
 
 

@@ -44,9 +44,10 @@ class WhisperAsr(AsrModel):
         processor = WhisperProcessor.from_pretrained(path_or_id, **kwargs)
         return cls(model, processor, spec=spec or str(path_or_id), name=name)
 
-    def calibration(self, encoder_frames: str = "window", pad_stride: int = 1) -> "WhisperCalibration":
+    def calibration(self, encoder_frames: str = "window", pad_stride: int = 1,
+                    pad_weight: float = 1.0) -> "WhisperCalibration":
         """What the layer-wise quantization engine needs to walk this model block by block."""
-        return WhisperCalibration(self, encoder_frames, pad_stride)
+        return WhisperCalibration(self, encoder_frames, pad_stride, pad_weight)
 
     @property
     def multilingual(self) -> bool:
@@ -370,7 +371,8 @@ class WhisperCalibration:
     One utterance per forward call, so no padding masks are needed.
     """
 
-    def __init__(self, asr: "WhisperAsr", encoder_frames: str = "window", pad_stride: int = 1):
+    def __init__(self, asr: "WhisperAsr", encoder_frames: str = "window", pad_stride: int = 1,
+                 pad_weight: float = 1.0):
         from quasr.quant.grid import QuantConfigError
 
         if encoder_frames not in ("speech", "window"):
@@ -378,6 +380,7 @@ class WhisperCalibration:
         if not isinstance(pad_stride, int) or pad_stride < 1:
             raise QuantConfigError(f"pad_stride must be a positive integer, got {pad_stride!r}")
         self.pad_stride = pad_stride
+        self.pad_weight = float(pad_weight)
         self.asr = asr
         self.encoder_frames = encoder_frames
         self.blocks = _whisper_blocks(asr)
@@ -425,13 +428,14 @@ class WhisperCalibration:
         """Rows of an encoder-frame input that feed the statistics, with the square root of their weights, or
         None for all rows. In window mode with pad_stride k > 1: every speech frame (weight 1), then every k-th
         frame of the padding after it, weighted by the frames it stands for, so H keeps its scale and Σ weights
-        is the window length. Padding frames are near copies of their neighbours (silence plus positions)."""
-        if self.pad_stride == 1 or item["frames"] <= item["speech_frames"]:
+        is the window length. Padding frames are near copies of their neighbours (silence plus positions).
+        pad_weight scales the padding frames' weights against the speech frames' (0: speech frames only)."""
+        if item["frames"] <= item["speech_frames"] or (self.pad_stride == 1 and self.pad_weight == 1.0):
             return None
         if "rows" not in item:
             s, n, k = item["speech_frames"], item["frames"], self.pad_stride
-            pad = torch.arange(s, n, k)
-            w = torch.cat([torch.ones(s), (torch.clamp(n - pad, max=k)).float()])
+            pad = torch.arange(s, n, k) if self.pad_weight > 0 else torch.arange(0)
+            w = torch.cat([torch.ones(s), torch.clamp(n - pad, max=k).float() * self.pad_weight])
             item["rows"] = (torch.cat([torch.arange(s), pad]), w.sqrt())
         return item["rows"]
 
