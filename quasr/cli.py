@@ -389,6 +389,35 @@ def info_cmd(path: Path = typer.Argument(..., help="Checkpoint directory"),
         if not verify:
             console.print("[yellow]not verified[/] (--no-verify): the weights' sha256 and the config files were "
                           "not checked")
+        from quasr.diagnostics import layer_rows, table
+
+        rows = layer_rows(i["recipe"])
+        if rows:
+            console.print(table(rows, f"{path.name}: per-layer diagnostics ({r.get('method')})"))
+    except QuasrError as e:
+        _fail(e)
+
+
+@app.command("plot")
+def plot_cmd(path: Path = typer.Argument(..., help="Checkpoint directory"),
+             out: Optional[Path] = typer.Option(None, "--out", "-o", help="PNG to write (default: "
+                                                                         "<checkpoint name>-layers.png here)")):
+    """Draw a checkpoint's per-layer diagnostics (FADE's alpha, vulnerability, reliability; errors) as a PNG."""
+    try:
+        from quasr import checkpoint
+        from quasr.diagnostics import layer_rows, plot
+        from quasr.errors import UsageError
+        from quasr.progress import console
+        from quasr.results import check_writable
+
+        out = out or Path(f"{Path(path).name}-layers.png")
+        check_writable(out, "--out")
+        recipe = checkpoint.read_manifest(path).get("recipe") or {}
+        rows = layer_rows(recipe)
+        if not rows:
+            raise UsageError(f"{path}: its recipe has no per-layer diagnostics (a calibrated method writes them)")
+        plot(rows, out, f"{Path(path).name}: {recipe.get('method')} W{recipe.get('bits')}")
+        console.print(f"wrote {out}")
     except QuasrError as e:
         _fail(e)
 

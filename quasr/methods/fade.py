@@ -13,8 +13,10 @@ Per layer, with H = Σ x̂x̂ᵀ, H_Δ = Σ (x − x̂)x̂ᵀ and QEP's full cor
         v_g   the share of round-to-nearest's output error that GPTQ leaves on this layer,
               ‖(W − GPTQ(W))X̂‖² / ‖(W − RTN(W))X̂‖², clipped to [0, 1] (a pilot GPTQ solve)
     reliability r ∈ [0, 1]
-        split  max(0, cos(ΔW_A, ΔW_B)): the correction computed on two disjoint halves of the calibration set
-               (even and odd items) points the same way
+        split  max(0, cos_H(ΔW_A, ΔW_B)): the correction computed on two disjoint halves of the calibration set
+               (even and odd items) changes the layer's outputs the same way; the cosine is taken in the metric
+               of H, cos_H(A, B) = tr(A H Bᵀ) / (‖A‖_H ‖B‖_H), so directions the inputs hardly excite (where
+               H⁻¹ magnifies noise) do not decide it (the plain Frobenius cosine is kept as r_split_frob)
         size   1 / (1 + ‖ΔW‖ / ‖W‖): a large correction is a large change of the weight
 
     α_l = α_max · clip(r · (1 − v), 0, 1);   Ŵ = GPTQ(W + α_l ΔW, H)
@@ -78,11 +80,17 @@ def prepare(weights: dict[str, torch.Tensor], cfg) -> dict:
     return {"v_w": rank01(noise), "rtn_noise": noise}
 
 
-def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
-    na, nb = a.norm(), b.norm()
-    if na == 0 or nb == 0:
+def _cos(a: torch.Tensor, b: torch.Tensor, H: torch.Tensor | None = None) -> float:
+    """cos(a, b) of two [out, in] matrices, in the metric of H [in, in] if given: tr(a H bᵀ) / (‖a‖_H ‖b‖_H)."""
+    a, b = a.double(), b.double()
+    if H is None:
+        ab, aa, bb = (a * b).sum(), (a * a).sum(), (b * b).sum()
+    else:
+        H = H.double()
+        ab, aa, bb = ((a @ H) * b).sum(), ((a @ H) * a).sum(), ((b @ H) * b).sum()
+    if aa <= 0 or bb <= 0:
         return 0.0
-    return float((a * b).sum() / (na * nb))
+    return float(ab / (aa.sqrt() * bb.sqrt()))
 
 
 def _out_err(D: torch.Tensor, H: torch.Tensor) -> float:
@@ -98,7 +106,7 @@ def diagnose(W: torch.Tensor, stats, cfg, name: str, ctx: dict) -> dict:
     H_A, Hd_A = stats.extra["H_A"], stats.extra["Hd_A"]
     dW_A = qep_correct(W, H_A, Hd_A, 1.0, percdamp=damp, name=name) - W
     dW_B = qep_correct(W, H - H_A, Hd - Hd_A, 1.0, percdamp=damp, name=name) - W
-    r_split = max(0.0, _cos(dW_A, dW_B))
+    r_split = max(0.0, _cos(dW_A, dW_B, H))
     rel = float(dW.norm() / W.norm().clamp(min=1e-30))
     r_size = 1.0 / (1.0 + rel)
     pilot, _ = gptq(W, H, grid, name=name, percdamp=damp, act_order=cfg.act_order)
@@ -109,8 +117,8 @@ def diagnose(W: torch.Tensor, stats, cfg, name: str, ctx: dict) -> dict:
     r = {"split-vuln": r_split, "split": r_split, "size-vuln": r_size, "split-size-vuln": r_split * r_size}[variant]
     alpha_max = 1.0 if cfg.alpha is None else cfg.alpha
     alpha = alpha_max * min(1.0, max(0.0, r * (1.0 - v)))
-    return {"dW": dW, "alpha": alpha, "v": v, "v_w": v_w, "v_g": v_g, "r": r, "r_split": r_split, "r_size": r_size,
-            "dw_rel": rel, "variant": variant}
+    return {"dW": dW, "alpha": alpha, "v": v, "v_w": v_w, "v_g": v_g, "r": r, "r_split": r_split,
+            "r_split_frob": _cos(dW_A, dW_B), "r_size": r_size, "dw_rel": rel, "variant": variant}
 
 
 def solve(W, stats, cfg, name, ctx=None):
