@@ -80,7 +80,7 @@ def to_records(results: list[SetResult], **recipe) -> list[dict]:
 
     out = []
     for r in results:
-        dec = {"decoding": r.decoding} if r.decoding else {}
+        dec = {"decoding": r.decoding} if r.decoding and "decoding" not in recipe else {}
         out.append(record(**recipe, **dec, data=r.data, speaker=None, n_utts=r.n_utts, n_words=r.counts.n_ref,
                           n_rare_words=r.counts.n_rare_ref, wer=_pct(r.counts.wer),
                           rare_wer=_pct(r.counts.rare_wer), sec_per_utt=round(r.sec_per_utt, 4),

@@ -182,3 +182,47 @@ def test_report_pairs_a_split_with_the_rtn_of_the_same_layers_and_rewrites_only_
     monkeypatch.setattr("sys.argv", ["report.py", "ptq-typo"])
     with pytest.raises(SystemExit, match="ptq-typo.json: no such results file"):
         report.main()
+
+
+def test_eval_cell_writes_records_and_transcripts_and_skips_done_cells(tmp_path, monkeypatch):
+    """A benchmark cell: one record per set and speaker naming its decoding, a transcript file with the
+    per-utterance decoding counts, and a second call that measures nothing."""
+    import numpy as np
+    import soundfile as sf
+
+    from quasr.bench import eval_cell
+    from quasr.decoding import Transcript, parse_decoding
+    from quasr.models.base import AsrModel
+
+    wav = tmp_path / "a.wav"
+    sf.write(wav, np.zeros(16000, np.float32) + 0.01, 16000)
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps({"id": f"u{i}", "audio": "a.wav", "text": "hello world", "speaker": s})
+                                + "\n" for i, s in enumerate(["a", "b", "a"])))
+
+    class Fake(AsrModel):
+        name = spec = "fake"
+        calls = 0
+
+        def transcribe(self, audios, batch_size=8, decoding=None, progress=True, desc=""):
+            return [t.text for t in self.transcribe_detailed(audios, batch_size, decoding, progress, desc)]
+
+        def transcribe_detailed(self, audios, batch_size=8, decoding=None, progress=True, desc=""):
+            Fake.calls += 1
+            return [Transcript("hello there", fallbacks=1, fallback_windows=1, temperature=0.2),
+                    Transcript("hello world"), Transcript("hello world")]
+
+    results = ResultsFile(tmp_path / "ptq.json", "ptq")
+    recipe = dict(model="fake", method="fp", bits=None, group_size=None)
+    recs = eval_cell(results, Fake(), str(manifest), None, recipe, decoding=parse_decoding("standard"),
+                     progress=False)
+    whole = recs[0]
+    assert whole["decoding"] == "standard" and whole["speaker"] is None and whole["n_utts"] == 3
+    assert whole["n_fallback_windows"] == 1 and whole["wer"] == pytest.approx(100 / 6, abs=1e-3)
+    assert {r["speaker"] for r in recs[1:]} == {"a", "b"}
+    lines = [json.loads(x) for x in (tmp_path / whole["transcripts"]).read_text().splitlines()]
+    assert lines[0]["fallbacks"] == 1 and lines[0]["temperature"] == 0.2 and lines[0]["errors"] == 1
+    assert eval_cell(results, Fake(), str(manifest), None, recipe, decoding=parse_decoding("standard"),
+                     progress=False) is None and Fake.calls == 1
+    assert eval_cell(results, Fake(), str(manifest), None, recipe, decoding=parse_decoding("greedy"),
+                     progress=False) is not None  # another decoding is another cell
