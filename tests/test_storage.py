@@ -397,3 +397,20 @@ def test_compressed_tensors_export_decompresses_to_our_weights(quantized_tiny, t
     emb = quantized_tiny.model.model.decoder.embed_tokens
     assert torch.equal(tensors["model.decoder.embed_tokens.weight"], emb.dequantize(torch.float32))
     assert not any(k.startswith("model.decoder.embed_tokens.weight_") for k in tensors)
+
+
+def test_the_same_weights_give_the_same_file_bytes(quantized_tiny, saved, tmp_path):
+    """Saving the same model again, in another process, writes the same model.safetensors byte for byte (the
+    safetensors header once listed its metadata in a random order, so equal weights had different sha256s)."""
+    import subprocess
+    import sys
+
+    from quasr import checkpoint
+
+    again = checkpoint.save(quantized_tiny, tmp_path / "again", RECIPE)
+    assert (again / "model.safetensors").read_bytes() == (saved / "model.safetensors").read_bytes()
+    code = ("import sys; from safetensors.torch import load_file, save_file; "
+            "save_file(load_file(sys.argv[1]), sys.argv[2], metadata={'format': 'pt'})")
+    other = tmp_path / "other.safetensors"
+    subprocess.run([sys.executable, "-c", code, str(saved / "model.safetensors"), str(other)], check=True)
+    assert other.read_bytes() == (saved / "model.safetensors").read_bytes()
