@@ -145,3 +145,16 @@ def test_read_audio_downmixes_stereo(tmp_path):
     x = np.stack([tone(1.0), -tone(1.0)], axis=1)  # channels cancel when averaged
     sf.write(tmp_path / "s.wav", x, 16000)
     assert np.abs(read_audio(tmp_path / "s.wav")).max() < 1e-4
+
+
+def test_calibration_splits_have_a_fixed_held_out_quarter(asterisk_files):
+    """calib-dev (for choosing defaults) and calib-fit (for calibrating while choosing) split calib in two."""
+    from quasr.data import held_out
+
+    whole = {u.id for u in load_source("asterisk:calib")}
+    dev = {u.id for u in load_source("asterisk:calib-dev")}
+    fit = {u.id for u in load_source("asterisk:calib-fit")}
+    assert dev | fit == whole and not dev & fit and 0.15 < len(dev) / len(whole) < 0.35
+    assert all(held_out(i) for i in dev) and load_source("asterisk:calib-dev").name == "asterisk:calib-dev"
+    with pytest.raises(DataError, match="only the calibration split"):
+        load_source("asterisk:test-dev")

@@ -2,6 +2,8 @@
 
     load_source("asterisk:test")             # built-in Debian telephone prompts (also :calib, :all)
     load_source("tts:test")                  # built-in multi-speaker synthetic set (also :calib)
+    load_source("asterisk:calib-dev")        # the held-out quarter of a calibration split (and :calib-fit,
+                                             # the rest): for choosing defaults without the test sets
     load_source("path/to/manifest.jsonl")    # JSON Lines manifest (see quasr.data.manifest)
     load_source("hf:NAME[:SPLIT][?config=C&audio=COL&text=COL&speaker=COL]")  # Hugging Face datasets
 
@@ -12,6 +14,7 @@ skipped, counted and listed in `Dataset.skipped` instead.
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -75,12 +78,29 @@ def load_manifest(path: str | Path, limit: int | None = None, skip_bad: bool = F
     return ds
 
 
+def held_out(uid: str) -> bool:
+    """The fixed quarter of a calibration split kept for choosing defaults (its `-dev` part): sha1(id)'s
+    second byte is divisible by 4. The other three quarters are its `-fit` part."""
+    return hashlib.sha1(uid.encode()).digest()[1] % 4 == 0
+
+
+def _part(split: str) -> tuple[str, Callable[[str], bool] | None]:
+    """calib-dev / calib-fit -> ("calib", filter on ids); other splits unfiltered."""
+    for suffix, keep in (("-dev", held_out), ("-fit", lambda uid: not held_out(uid))):
+        if split.endswith(suffix):
+            return split[: -len(suffix)], keep
+    return split, None
+
+
 def load_source(spec: str, limit: int | None = None, skip_bad: bool = False) -> Dataset:
     """Load a speech source from its spec string (see the module docstring)."""
     spec = str(spec)
     head, _, rest = spec.partition(":")
     if head in ("asterisk", "tts") and not Path(spec).exists():
-        split = rest or "test"
+        split, keep = _part(rest or "test")
+        if keep is not None and split != "calib":
+            raise DataError(f"{spec}: only the calibration split has -dev and -fit parts (calib-dev, calib-fit)")
+        name = f"{head}:{rest or 'test'}"
         if head == "asterisk":
             from quasr.data.asterisk import asterisk_entries
 
@@ -88,11 +108,17 @@ def load_source(spec: str, limit: int | None = None, skip_bad: bool = False) -> 
 
             entries, excluded = asterisk_entries(split)
             items = [(e["id"], (lambda e=e: Utterance(e["id"], read_audio(e["audio"]), e["text"], e["speaker"])))
-                     for e in entries]
-            return _materialize(f"asterisk:{split}", items, limit, skip_bad, excluded)
+                     for e in entries if keep is None or keep(e["id"])]
+            return _materialize(name, items, limit, skip_bad, excluded)
+        from quasr.data.manifest import read_manifest_entries
         from quasr.data.tts import ensure_tts
 
-        return load_manifest(ensure_tts(split), limit, skip_bad, name=f"tts:{split}")
+        path = ensure_tts(split)
+        entries, skipped = read_manifest_entries(path, skip_bad)
+        entries = [(ln, o) for ln, o in entries if keep is None or keep(o["id"])]
+        ds = _materialize(name, _manifest_items(path, entries), limit, skip_bad)
+        ds.skipped[:0] = skipped
+        return ds
     if head == "hf":
         return _load_hf_source(spec, rest, limit, skip_bad)
     path = Path(spec)
