@@ -6,8 +6,11 @@ kept beside the results (bench/results/transcripts/) so full-precision transcrip
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from quasr.data import Dataset, load_source
@@ -77,4 +80,153 @@ def print_records(records: list[dict], columns: list[str], title: str = "") -> N
     console.print(t)
 
 
-__all__ = ["SetResult", "dataset", "eval_cell", "print_records"]
+
+
+# -- quantized cells: one recipe, quantized in a subprocess, its checkpoint scored ------------------------------
+
+OPTION_KEYS = ("alpha", "variant", "encoder_frames", "pad_stride", "pad_weight", "embedding_bits", "percdamp",
+               "layers")
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One quantization recipe of a benchmark grid (with its calibration seed)."""
+
+    model: str
+    method: str
+    bits: int
+    group_size: int | None = 128
+    alpha: float | None = None
+    variant: str | None = None
+    seed: int | None = 0
+    calib: tuple[str, ...] = ("asterisk:calib", "tts:calib")
+    n_calib: int = 128
+    encoder_frames: str = "window"
+    pad_stride: int = 4
+    pad_weight: float = 1.0
+    embedding_bits: int = 8
+    percdamp: float = 0.01
+    layers: str = "all"
+
+    @property
+    def calibrated(self) -> bool:
+        from quasr.methods import get_method
+
+        return get_method(self.method).needs_calibration
+
+    def keys(self) -> dict:
+        """The record keys of the cell (None where a setting does not apply or is the default that older
+        records left out)."""
+        c = self.calibrated
+        window = c and self.encoder_frames == "window"
+        return dict(model=self.model, method=self.method, bits=self.bits, group_size=self.group_size,
+                    calib="+".join(self.calib) if c else None, n_calib=self.n_calib if c else None,
+                    seed=self.seed if c else None, alpha=self.alpha, variant=self.variant,
+                    encoder_frames=self.encoder_frames if c else None,
+                    pad_stride=self.pad_stride if window else None,
+                    pad_weight=self.pad_weight if window and self.pad_weight != 1.0 else None,
+                    embedding_bits=self.embedding_bits or None, percdamp=self.percdamp if c else None,
+                    layers=None if self.layers == "all" else self.layers)
+
+    def tag(self) -> str:
+        """A directory name for the checkpoint, unique per recipe."""
+        parts = [f"{k}={v}" for k, v in self.keys().items() if v is not None and k != "calib"]
+        calib = hashlib.sha1("+".join(self.calib).encode()).hexdigest()[:6] if self.calibrated else ""
+        return "-".join(parts + ([f"calib={calib}"] if calib else [])).replace("/", "_").replace(":", "_")
+
+    def quantize_command(self, out: Path) -> list[str]:
+        cmd = [sys.executable, "-m", "quasr", "quantize", "--model", self.model, "--method", self.method,
+               "--bits", str(self.bits), "--group-size", str(self.group_size or 0), "--n-calib", str(self.n_calib),
+               "--seed", str(self.seed or 0), "--encoder-frames", self.encoder_frames,
+               "--pad-stride", str(self.pad_stride), "--pad-weight", str(self.pad_weight),
+               "--embedding-bits", str(self.embedding_bits), "--percdamp", str(self.percdamp),
+               "--layers", self.layers, "--out", str(out), "--no-progress"]
+        for c in self.calib:
+            cmd += ["--calib", c]
+        if self.alpha is not None:
+            cmd += ["--alpha", str(self.alpha)]
+        if self.variant is not None:
+            cmd += ["--variant", self.variant]
+        return cmd
+
+
+def parse_data(spec: str, limit: int | None) -> list[tuple[str, int | None]]:
+    """"asterisk:test,tts:test@96" -> [(set, utterances or None)]; `limit` overrides every @N."""
+    out = []
+    for part in spec.split(","):
+        name, _, n = part.partition("@")
+        out.append((name, limit or (int(n) if n else None)))
+    return out
+
+
+def reuse(results: ResultsFile, keys: dict, data: str, decoding: Decoding, sources: list[ResultsFile]) -> bool:
+    """Copy the records of a cell measured in another results file of the same directory (same recipe, seed,
+    decoding and set) into `results`; True if it was found."""
+    key = dict(keys, decoding=decoding.label, data=data, speaker=None)
+    for src in sources:
+        if src.path.parent != results.path.parent or not src.done(key):
+            continue
+        k = results.key(key)
+        recs = [dict(r, reused_from=src.path.name) for r in src.records
+                if results.key(dict(r, speaker=None)) == k]
+        results.add(*recs)
+        return True
+    return False
+
+
+def measure_fp(results: ResultsFile, model: str, data, decoding: Decoding, batch_size: int = 8,
+               sources: list[ResultsFile] = ()) -> None:
+    """The full-precision cells of a model on every set (skipping measured ones)."""
+    from quasr.models import load_model
+
+    asr = None
+    keys = dict(model=model, method="fp", bits=None, group_size=None)
+    for d, n in data:
+        if results.done(dict(keys, decoding=decoding.label, data=d, speaker=None)) or \
+                reuse(results, keys, d, decoding, list(sources)):
+            continue
+        asr = asr or load_model(model)
+        size = sum(p.numel() * p.element_size() for p in {id(p): p for p in asr.model.parameters()}.values())
+        eval_cell(results, asr, d, n, keys, extra={"size_mb": round(size / 1e6, 2), "bits_per_weight": 32},
+                  decoding=decoding, batch_size=batch_size)
+
+
+def measure(results: ResultsFile, cell: Cell, data, decoding: Decoding, batch_size: int = 8,
+            sources: list[ResultsFile] = ()) -> None:
+    """Quantize `cell` in a subprocess (its wall time and peak RSS are the cost of quantizing) unless every set
+    is measured (here, or in one of `sources`, whose records are then copied), and score the reloaded
+    checkpoint on each set."""
+    import subprocess
+    import time
+
+    from quasr import checkpoint
+    from quasr.paths import cache_dir
+
+    keys = cell.keys()
+    todo = [(d, n) for d, n in data if not results.done(dict(keys, decoding=decoding.label, data=d, speaker=None))
+            and not reuse(results, keys, d, decoding, list(sources))]
+    if not todo:
+        return
+    ckpt = cache_dir("bench", results.data["benchmark"]) / cell.tag()
+    print(f"== {cell.tag()}: quantizing", flush=True)
+    cmd = cell.quantize_command(ckpt)
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t
+    if proc.returncode != 0:
+        raise SystemExit(f"quantize failed ({' '.join(cmd)}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    info = checkpoint.info(ckpt)
+    r = info["recipe"]
+    extra = {"quant_seconds": r.get("quant_seconds"), "quant_wall_seconds": round(wall, 1),
+             "peak_rss_mb": r.get("peak_rss_mb"), "size_mb": round(info["dir_mb"], 2),
+             "weights_mb": round(info["file_mb"], 2), "bits_per_weight": round(info["bits_per_weight"], 3),
+             "embedding_bits_per_weight": info["embedding"]["bits_per_weight"],
+             "numerics": (r.get("numerics") or {}).get("mode"), "weights_sha256": info["sha256"],
+             "checkpoint": str(ckpt)}
+    asr = checkpoint.load(ckpt)
+    for d, n in todo:
+        eval_cell(results, asr, d, n, keys, extra=extra, decoding=decoding, batch_size=batch_size)
+
+
+__all__ = ["Cell", "OPTION_KEYS", "SetResult", "dataset", "eval_cell", "measure", "measure_fp", "parse_data",
+           "print_records", "reuse"]
