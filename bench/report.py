@@ -51,8 +51,9 @@ def baseline(path: Path, decoding: str | None = None) -> str:
 
 BUSY_LOAD = 2.5  # a 1-minute load average above this on the 2-core machines means other work shared the CPUs
 SEED_KEYS = ("seed",)  # what varies between the records of one recipe
-RECIPE_KEYS = ("model", "method", "bits", "group_size", "alpha", "embedding_bits", "encoder_frames", "pad_stride",
-               "percdamp", "layers", "calib", "n_calib", "decoding")
+RECIPE_KEYS = ("model", "method", "bits", "group_size", "alpha", "variant", "embedding_bits", "encoder_frames",
+               "pad_stride", "pad_weight", "percdamp", "layers", "calib", "n_calib", "decoding")
+REFS = {"fade": ("rtn", "gptq")}  # what each results file's recipes are compared with (default: rtn and fp)
 
 
 def timed(x: float | None, busy: bool) -> str | None:
@@ -140,12 +141,13 @@ def pm(m, sd) -> str | None:
     return f"{m:.2f}" + (f" ± {sd:.2f}" if sd is not None else "")
 
 
-def ptq(path: Path, decoding: str | None = None, resamples: int = 10_000) -> str:
+def ptq(path: Path, decoding: str | None = None, resamples: int = 10_000, refs: tuple[str, str] | None = None) -> str:
     """Three tables per results file, one row per recipe (its calibration seeds pooled):
     accuracy (WER and rare-WER as mean ± std over seeds, fallback windows), paired comparisons with RTN at the
     same bits, group size, embedding bits and layers and with full precision (Δ WER of the seed-mean model with a
     95 % paired bootstrap interval over utterances, utterances better / worse), and cost."""
     d = json.loads(path.read_text())
+    refs = refs or REFS.get(d.get("benchmark"), ("rtn", "fp"))
     recs = one_decoding([r for r in d["records"] if r["speaker"] is None], path, decoding)
     sets = list(dict.fromkeys(r["data"] for r in recs))
     groups: dict[tuple, dict[str, list[dict]]] = {}
@@ -163,11 +165,13 @@ def ptq(path: Path, decoding: str | None = None, resamples: int = 10_000) -> str
 
     def ref(key: tuple, method: str, s: str) -> Recipe | None:
         k = dict(zip(RECIPE_KEYS, key))
+        same = ("bits", "group_size", "embedding_bits", "layers") + (
+            ("calib", "n_calib", "encoder_frames", "pad_stride", "pad_weight", "percdamp") if method != "rtn" else ())
         for other, by_set in recipes.items():
             o = dict(zip(RECIPE_KEYS, other))
             if o["method"] != method or o["model"] != k["model"] or s not in by_set:
                 continue
-            if method == "fp" or all(o[x] == k[x] for x in ("bits", "group_size", "embedding_bits", "layers")):
+            if method == "fp" or all(o[x] == k[x] for x in same):
                 return by_set[s]
         return None
 
@@ -193,9 +197,9 @@ def ptq(path: Path, decoding: str | None = None, resamples: int = 10_000) -> str
             cells = []
             for s in sets:
                 rec = by_set.get(s)
-                vr = compare(rec, ref(key, "rtn", s), resamples) if rec and k["method"] != "rtn" else (None, None)
-                vf = compare(rec, ref(key, "fp", s), resamples) if rec else (None, None)
-                cells += [vr[0], vr[1], vf[0], vf[1]]
+                for r in refs:
+                    c = compare(rec, ref(key, r, s), resamples) if rec and k["method"] != r else (None, None)
+                    cells += list(c)
             pair.append(head + [",".join(map(str, seeds)) or "-"] + cells)
         busy = max(r.get("load_avg") or 0 for rec in by_set.values() for r in rec.recs) > BUSY_LOAD
         speeds = [fp_speed[(k["model"], s)] / by_set[s].mean_std("sec_per_utt")[0] for s in by_set
@@ -219,8 +223,8 @@ def ptq(path: Path, decoding: str | None = None, resamples: int = 10_000) -> str
            "Paired comparisons (Δ WER in points of the seed-mean model, 95 % bootstrap interval over utterances, "
            f"{resamples:,} resamples; † the interval excludes zero; utterances with fewer / more errors):", "",
            md(pair, ["model", "method", "weights", "seeds"]
-              + [c for s in sets for c in (f"Δ vs RTN {s}", f"vs RTN {s}: better / worse", f"Δ vs FP {s}",
-                                           f"vs FP {s}: better / worse")]), "",
+              + [c for s in sets for r in refs for c in (f"Δ vs {r.upper()} {s}", f"vs {r.upper()} {s}: better / worse")]),
+           "",
            "Cost:", "",
            md(fmt_int(cost), ["model", "method", "weights", "quant s", "peak RSS MB", "ckpt MB", "bits/weight",
                               "speed vs fp"] + [f"s/utt {s}" for s in sets]), "",
@@ -256,6 +260,8 @@ def runaways(recipes: dict[tuple, dict[str, Recipe]], factor: int = 3, extra: in
 
 def label_of(k: dict) -> str:
     label = k["method"] + (f" α={k['alpha']}" if k.get("alpha") is not None else "")
+    if k.get("variant"):
+        label += f" ({k['variant']})"
     if k.get("percdamp") not in (None, 0.01):  # GPTQ's default damping is left unsaid
         label += f" damp={k['percdamp']}"
     if k.get("layers"):  # only the encoder's or only the decoder's Linears quantized
@@ -267,6 +273,8 @@ def label_of(k: dict) -> str:
         label += ", speech frames"
     elif frames == "window" and k.get("pad_stride") not in (None, 4):
         label += f", pad stride {k['pad_stride']}"
+    if k.get("pad_weight") is not None:
+        label += f", pad weight {k['pad_weight']}"
     return label
 
 
@@ -276,7 +284,8 @@ def commands(d: dict) -> str:
     return "```bash\n" + "\n".join(cmds) + "\n```"
 
 
-TITLES = {"baseline": "Full precision", "ptq": "Weight-only post-training quantization"}
+TITLES = {"baseline": "Full precision", "ptq": "Weight-only post-training quantization",
+          "fade": "FADE: per-layer compensation strength", "fade-select": "FADE: choosing the defaults on calib-dev"}
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 DEFAULT = ["baseline", "ptq"]
 
