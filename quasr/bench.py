@@ -38,7 +38,8 @@ def transcripts_path(results: ResultsFile, recipe: dict, data: str) -> Path:
     return results.path.parent / "transcripts" / f"{results.path.stem}-{name}.jsonl"
 
 
-TRANSCRIPT_KEYS = ("id", "speaker", "ref", "hyp", "errors", "n_ref", "rare_words", "rare_errors", "windows",
+TRANSCRIPT_KEYS = ("id", "speaker", "ref", "hyp", "errors", "n_ref", "rare_words", "rare_errors", "common_errors",
+                   "rare_pairs", "windows",
                    "fallbacks", "fallback_windows", "skipped_windows", "temperature")
 
 

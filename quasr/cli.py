@@ -107,12 +107,14 @@ def eval_cmd(
     temperatures: Optional[str] = typer.Option(None, help=TEMPERATURES_HELP),
     decode_seed: int = typer.Option(0, help="Seed of the sampled fallback decodes"),
     batch_size: int = typer.Option(8, help="Utterances per decoding batch"),
+    errors: int = typer.Option(0, "--errors", help="Also list the N most frequent rare-word errors "
+                                                   "(reference word -> hypothesis)"),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable items (counted, reported)"),
     progress: bool = typer.Option(True, help="Show progress bars"),
 ):
-    """Transcribe speech sets and print WER / rare-WER / speed per set and per speaker."""
+    """Transcribe speech sets and print WER / rare-WER / common-WER / speed per set and per speaker."""
     try:
-        from quasr.evaluate import evaluate, print_tables, to_records
+        from quasr.evaluate import evaluate, print_rare_errors, print_tables, to_records
         from quasr.metrics import NORMALIZER
         from quasr.models import load_model
         from quasr.models.whisper import quiet_transformers
@@ -120,6 +122,10 @@ def eval_cmd(
 
         dec = _decoding(decoding, temperatures, decode_seed)
         _positive("--batch-size", batch_size)
+        if errors < 0:
+            from quasr.errors import UsageError
+
+            raise UsageError(f"--errors must be a number of rows >= 0, got {errors}")
         if out:
             check_writable(out, "--out")
         quiet_transformers()
@@ -127,6 +133,8 @@ def eval_cmd(
         asr = load_model(model)
         results = evaluate(asr, sets, batch_size=batch_size, decoding=dec, progress=progress)
         print_tables(results, title=f"{asr.name} ({dec.label} decoding, normalizer {NORMALIZER})")
+        if errors:
+            print_rare_errors(results, errors)
         if out:
             write_json(out, {
                 "benchmark": "eval", "created": now(), "command": command_line(), "normalizer": NORMALIZER,

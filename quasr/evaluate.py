@@ -53,7 +53,8 @@ def score_set(data: Dataset, hyps: list, seconds: float = 0.0, decoding: str | N
             by_speaker[u.speaker] = by_speaker.get(u.speaker, metrics.WordCounts()) + c
         utts.append({"id": u.id, "speaker": u.speaker, "ref": u.text, "hyp": hyp, "ref_norm": s["ref"],
                      "hyp_norm": s["hyp"], "n_ref": c.n_ref, "errors": c.errors, "sub": c.sub, "del": c.dele,
-                     "ins": c.ins, "rare_words": s["rare_words"], "rare_errors": c.rare_errors, **dec})
+                     "ins": c.ins, "rare_words": s["rare_words"], "rare_errors": c.rare_errors,
+                     "common_errors": c.common_errors, "rare_pairs": s["rare_pairs"], **dec})
     return SetResult(data.name, total, by_speaker, utts, seconds, list(data.skipped), decoding)
 
 
@@ -83,12 +84,14 @@ def to_records(results: list[SetResult], **recipe) -> list[dict]:
         dec = {"decoding": r.decoding} if r.decoding and "decoding" not in recipe else {}
         out.append(record(**recipe, **dec, data=r.data, speaker=None, n_utts=r.n_utts, n_words=r.counts.n_ref,
                           n_rare_words=r.counts.n_rare_ref, wer=_pct(r.counts.wer),
-                          rare_wer=_pct(r.counts.rare_wer), sec_per_utt=round(r.sec_per_utt, 4),
+                          rare_wer=_pct(r.counts.rare_wer), common_wer=_pct(r.counts.common_wer),
+                          sec_per_utt=round(r.sec_per_utt, 4),
                           n_skipped=len(r.skipped), **r.windows()))
         for spk, c in r.by_speaker.items():
             n = sum(1 for u in r.utterances if u["speaker"] == spk)
             out.append(record(**recipe, **dec, data=r.data, speaker=spk, n_utts=n, n_words=c.n_ref,
-                              n_rare_words=c.n_rare_ref, wer=_pct(c.wer), rare_wer=_pct(c.rare_wer)))
+                              n_rare_words=c.n_rare_ref, wer=_pct(c.wer), rare_wer=_pct(c.rare_wer),
+                              common_wer=_pct(c.common_wer)))
     return out
 
 
@@ -99,17 +102,18 @@ def print_tables(results: list[SetResult], title: str = "", console=None) -> Non
     console = console or Console(width=None if sys.stdout.isatty() else 140)
     fmt = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
     t = Table(title=title or None)
-    for col in ("set", "utts", "words", "WER %", "rare words", "rare-WER %", "windows", "fell back", "silent",
-                "s/utt", "skipped"):
+    for col in ("set", "utts", "words", "WER %", "rare words", "rare-WER %", "common-WER %", "windows", "fell back",
+                "silent", "s/utt", "skipped"):
         t.add_column(col, justify="left" if col == "set" else "right")
     for r in results:
         w = r.windows()
         t.add_row(r.data, str(r.n_utts), str(r.counts.n_ref), fmt(r.counts.wer), str(r.counts.n_rare_ref),
-                  fmt(r.counts.rare_wer), str(w["n_windows"]), str(w["n_fallback_windows"]),
+                  fmt(r.counts.rare_wer), fmt(r.counts.common_wer), str(w["n_windows"]), str(w["n_fallback_windows"]),
                   str(w["n_skipped_windows"]), f"{r.sec_per_utt:.2f}", str(len(r.skipped)))
     if len(results) > 1:
         t.add_row("mean over sets", "", "", fmt(metrics.mean_over_sets([r.counts.wer for r in results])), "",
-                  fmt(metrics.mean_over_sets([r.counts.rare_wer for r in results])), "", "", "", "", "")
+                  fmt(metrics.mean_over_sets([r.counts.rare_wer for r in results])),
+                  fmt(metrics.mean_over_sets([r.counts.common_wer for r in results])), "", "", "", "", "")
     console.print(t)
     for r in results:
         if len(r.by_speaker) > 1:
@@ -122,3 +126,25 @@ def print_tables(results: list[SetResult], title: str = "", console=None) -> Non
             console.print(s)
         for item, why in r.skipped:
             console.print(f"[yellow]skipped[/] {why}")
+
+
+def rare_errors(results: list[SetResult], top: int = 20) -> list[tuple[str, str, int]]:
+    """The most frequent rare-word errors over the sets: (reference word, hypothesis word or "∅" for a deletion,
+    count), most frequent first."""
+    from collections import Counter
+
+    c = Counter((ref, hyp or "∅") for r in results for u in r.utterances for ref, hyp in u.get("rare_pairs", []))
+    return [(ref, hyp, n) for (ref, hyp), n in c.most_common(top)]
+
+
+def print_rare_errors(results: list[SetResult], top: int = 20, console=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console(width=None if sys.stdout.isatty() else 140)
+    t = Table(title=f"most frequent rare-word errors (top {top})")
+    for col in ("reference", "hypothesis", "times"):
+        t.add_column(col, justify="right" if col == "times" else "left")
+    for ref, hyp, n in rare_errors(results, top):
+        t.add_row(ref, hyp, str(n))
+    console.print(t)

@@ -33,6 +33,10 @@ Rare-word error rate
       reference are charged to no word.
 
     rare_wer = 100 * rare_errors / n_rare_ref (None when n_rare_ref is 0).
+
+Common-word error rate
+    The same charging for the other reference words: common_wer = 100 * common_errors / (n_ref - n_rare_ref).
+    rare_errors + common_errors = all errors, except insertions into an empty reference.
 """
 
 from __future__ import annotations
@@ -120,6 +124,7 @@ class WordCounts:
     ins: int = 0
     n_rare_ref: int = 0
     rare_errors: int = 0
+    common_errors: int = 0     # the same charging, for the other (common) reference words
 
     @property
     def errors(self) -> int:
@@ -135,17 +140,25 @@ class WordCounts:
         """Rare-word error rate in percent, None if there are no rare reference words."""
         return 100.0 * self.rare_errors / self.n_rare_ref if self.n_rare_ref else None
 
+    @property
+    def common_wer(self) -> float | None:
+        """Error rate of the common (not rare) reference words in percent, charged like rare-WER."""
+        n = self.n_ref - self.n_rare_ref
+        return 100.0 * self.common_errors / n if n else None
+
     def __add__(self, other: WordCounts) -> WordCounts:
         if not isinstance(other, WordCounts):
             return NotImplemented
         return WordCounts(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
 
 
-def _count(ref: list[str], hyp: list[str], threshold: float = RARE_ZIPF) -> tuple[WordCounts, list[str]]:
+def _count(ref: list[str], hyp: list[str], threshold: float = RARE_ZIPF):
+    """(counts, rare reference words, rare-word errors as (reference word, hypothesis word or None) pairs)."""
     rare = [is_rare(w, threshold) for w in ref]
     c = WordCounts(n_ref=len(ref), n_rare_ref=sum(rare))
+    pairs = []
     pending_ins = 0  # insertions waiting for the next reference word
-    for op, i, _ in align(ref, hyp):
+    for op, i, j in align(ref, hyp):
         if op == "I":
             c.ins += 1
             pending_ins += 1
@@ -156,21 +169,29 @@ def _count(ref: list[str], hyp: list[str], threshold: float = RARE_ZIPF) -> tupl
             c.dele += 1
         if rare[i]:
             c.rare_errors += pending_ins + (op != "C")
+            if op != "C":
+                pairs.append((ref[i], None if j is None else hyp[j]))
+        else:
+            c.common_errors += pending_ins + (op != "C")
         pending_ins = 0
-    if pending_ins and ref and rare[-1]:  # trailing insertions go to the last ref word
-        c.rare_errors += pending_ins
-    return c, [w for w, r in zip(ref, rare) if r]
+    if pending_ins and ref:  # trailing insertions go to the last ref word
+        if rare[-1]:
+            c.rare_errors += pending_ins
+        else:
+            c.common_errors += pending_ins
+    return c, [w for w, r in zip(ref, rare) if r], pairs
 
 
 def score_utterance(ref_text: str, hyp_text: str) -> dict:
     """Normalize and score one utterance.
 
     Returns ``{"ref": normalized ref, "hyp": normalized hyp, "counts": WordCounts,
-    "rare_words": [rare reference words, in order]}``.
+    "rare_words": [rare reference words, in order], "rare_pairs": [(rare reference word, its hypothesis word,
+    None when deleted) for each substituted or deleted rare word]}``.
     """
     ref, hyp = normalize(ref_text), normalize(hyp_text)
-    counts, rare_words = _count(ref.split(), hyp.split())
-    return {"ref": ref, "hyp": hyp, "counts": counts, "rare_words": rare_words}
+    counts, rare_words, pairs = _count(ref.split(), hyp.split())
+    return {"ref": ref, "hyp": hyp, "counts": counts, "rare_words": rare_words, "rare_pairs": pairs}
 
 
 def score(refs: Sequence[str], hyps: Sequence[str]) -> WordCounts:

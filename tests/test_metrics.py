@@ -67,6 +67,11 @@ def test_rare_wer_charging():
     assert (c.n_rare_ref, c.rare_errors) == (2, 3)
     assert c.rare_wer == pytest.approx(150.0)
     assert c.wer == pytest.approx(100 * 4 / 6)
+    assert c.common_errors == 1 and c.common_wer == pytest.approx(100 / 4)  # the deleted "the"
+    assert u["rare_pairs"] == [("levetiracetam", "leviticus")]
+    d = score_utterance("call zbigniew now", "call now yes")
+    assert d["rare_pairs"] == [("zbigniew", None)]  # a deletion
+    assert (d["counts"].rare_errors, d["counts"].common_errors) == (1, 1)  # "yes" goes to the last word, now
 
 
 def test_rare_wer_insertion_goes_to_following_word():
