@@ -86,7 +86,7 @@ def print_records(records: list[dict], columns: list[str], title: str = "") -> N
 # -- quantized cells: one recipe, quantized in a subprocess, its checkpoint scored ------------------------------
 
 OPTION_KEYS = ("alpha", "variant", "encoder_frames", "pad_stride", "pad_weight", "embedding_bits", "percdamp",
-               "layers")
+               "layers", "pool", "tail_cost")
 
 
 @dataclass(frozen=True)
@@ -108,6 +108,8 @@ class Cell:
     embedding_bits: int = 8
     percdamp: float = 0.01
     layers: str = "all"
+    pool: str = "random"
+    tail_cost: float | None = None
 
     @property
     def calibrated(self) -> bool:
@@ -127,7 +129,8 @@ class Cell:
                     pad_stride=self.pad_stride if window else None,
                     pad_weight=self.pad_weight if window and self.pad_weight != 1.0 else None,
                     embedding_bits=self.embedding_bits or None, percdamp=self.percdamp if c else None,
-                    layers=None if self.layers == "all" else self.layers)
+                    layers=None if self.layers == "all" else self.layers,
+                    pool=self.pool if c and self.pool != "random" else None, tail_cost=self.tail_cost)
 
     def tag(self) -> str:
         """A directory name for the checkpoint, unique per recipe."""
@@ -148,6 +151,10 @@ class Cell:
             cmd += ["--alpha", str(self.alpha)]
         if self.variant is not None:
             cmd += ["--variant", self.variant]
+        if self.pool != "random":
+            cmd += ["--pool", self.pool]
+        if self.tail_cost is not None:
+            cmd += ["--tail-cost", str(self.tail_cost)]
         return cmd
 
 

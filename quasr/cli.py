@@ -20,7 +20,9 @@ DATA_HELP = ("Speech source (repeatable): a manifest .jsonl, asterisk[:test|:cal
 GROUP_HELP = "Columns per scale group; 0 = one group per output channel"
 DECODING_HELP = ("standard (openai-whisper's defaults: temperature fallback, no-speech check, timestamps), "
                  "greedy (one pass, no fallback), or beamN (standard with beam search of width N)")
-METHOD_HELP = "rtn | gptq | qep | gptaq | fade"
+METHOD_HELP = "rtn | gptq | qep | gptaq | fade | tarq | tarq-rarebal | tarq-residual"
+POOL_HELP = ("How calibration utterances are chosen: random, r-top (highest rare-word density), r-mix (half "
+             "each)")
 ALPHA_HELP = ("Compensation strength in [0, 1]: qep/gptaq's global alpha (default 0.5 / 0.25), fade's upper bound "
               "of the per-layer alpha (default 1)")
 PAD_WEIGHT_HELP = ("Window mode: weight of padding frames against speech frames in the statistics (1 = as at "
@@ -152,17 +154,18 @@ def eval_cmd(
         _fail(e)
 
 
-def _calibration(calib: list[str], n_calib: int, seed: int, skip_bad: bool):
-    """The calibration utterances: a seeded sample of n_calib from the union of the sources."""
-    import random
-
+def _calibration(calib: list[str], n_calib: int, seed: int, skip_bad: bool, pool: str = "random"):
+    """The calibration utterances: n_calib from the union of the sources, chosen by `pool` with `seed`."""
+    from quasr.data.pools import POOLS, choose
     from quasr.quant.grid import QuantConfigError
 
-    pool = [u for ds in _load_sets(calib, None, skip_bad) for u in ds]
-    if n_calib > len(pool):
+    if pool not in POOLS:
+        raise QuantConfigError(f"unknown calibration pool {pool!r} (choose from {', '.join(POOLS)})", option="pool")
+    utts = [u for ds in _load_sets(calib, None, skip_bad) for u in ds]
+    if n_calib > len(utts):
         raise QuantConfigError(f"asked for {n_calib} calibration utterances but {', '.join(calib)} has only "
-                               f"{len(pool)}; lower --n-calib or add --calib sources")
-    return sorted(random.Random(seed).sample(pool, n_calib), key=lambda u: u.id)
+                               f"{len(utts)}; lower --n-calib or add --calib sources")
+    return choose(utts, n_calib, seed, pool)
 
 
 def _quant_config(method: str, bits: int, group_size: int, alpha, embedding_bits: int, n_calib: int, **kw):
@@ -221,8 +224,14 @@ def quantize_cmd(
     pad_stride: int = typer.Option(4, help="Window mode: statistics from every k-th padding frame, weighted by k "
                                            "(1 = every frame, exact but slower)"),
     pad_weight: float = typer.Option(1.0, help=PAD_WEIGHT_HELP),
+    tail_cost: Optional[float] = typer.Option(None, help="tarq: mass of rare-word positions against common ones "
+                                                         "(default 1: equal)"),
+    tail_zipf: Optional[float] = typer.Option(None, help="tarq: a word is rare below this wordfreq Zipf frequency "
+                                                         "(default 3)"),
+    tail_lang: Optional[str] = typer.Option(None, help="tarq: wordfreq language of the transcripts (default en)"),
     calib: list[str] = typer.Option(["asterisk:calib", "tts:calib"], "--calib", help="Calibration source (repeatable)"),
-    n_calib: int = typer.Option(128, help="Calibration utterances, sampled from the sources with --seed"),
+    n_calib: int = typer.Option(128, help="Calibration utterances, chosen from the sources with --seed"),
+    pool: str = typer.Option("random", help=POOL_HELP),
     seed: int = typer.Option(0, help="Seed of the calibration sample"),
     out: Path = typer.Option(..., "--out", "-o", help="Checkpoint directory to write"),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable calibration items (listed)"),
@@ -245,18 +254,21 @@ def quantize_cmd(
         from quasr.progress import console
         from quasr.quantize import quantize_
 
+        opts = {k: v for k, v in dict(tail_cost=tail_cost, tail_zipf=tail_zipf, tail_lang=tail_lang).items()
+                if v is not None}
         cfg = _quant_config(method, bits, group_size, alpha, embedding_bits, n_calib, sym=sym, mse=mse,
                             act_order=act_order, layers=layers, percdamp=percdamp, encoder_frames=encoder_frames,
-                            pad_stride=pad_stride, pad_weight=pad_weight, variant=variant)
+                            pad_stride=pad_stride, pad_weight=pad_weight, variant=variant, options=opts)
         checkpoint.check_target(out, "--out")
         quiet_transformers()
-        utts = _calibration(calib, n_calib, seed, skip_bad) if get_method(method).needs_calibration else []
+        utts = _calibration(calib, n_calib, seed, skip_bad, pool) if get_method(method).needs_calibration else []
         asr = load_model(model)
         report = quantize_(asr, cfg, utts, progress=progress)
         console.print(_layer_table(report))
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
         asr.recipe.update(model=asr.name, spec=model, calib=calib if utts else None, seed=seed if utts else None,
-                          quant_seconds=round(report.seconds, 2), peak_rss_mb=round(peak_mb))
+                          pool=pool if utts else None, quant_seconds=round(report.seconds, 2),
+                          peak_rss_mb=round(peak_mb))
         checkpoint.save(asr, out, asr.recipe | {"layers_report": report.layers})
         i = checkpoint.info(out)
         console.print(f"quantized {len(report.layers)} layers in {report.seconds:.1f} s; wrote {out} "

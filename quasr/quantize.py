@@ -67,6 +67,7 @@ class QuantConfig:
     pad_weight: float = 1.0              # window mode: weight of padding frames against speech frames in the
     #                                      statistics (1: as at inference; 0: speech frames only)
     variant: str | None = None           # a method's variant (None: its default; see Method.variants)
+    options: dict = field(default_factory=dict)  # a method's own settings (its Method.options dataclass)
 
     def grid(self) -> QuantGrid:
         return QuantGrid(self.bits, self.group_size, self.sym, self.mse)
@@ -104,10 +105,31 @@ class QuantConfig:
         if not (isinstance(self.pad_weight, (int, float)) and math.isfinite(self.pad_weight) and self.pad_weight >= 0):
             bad("pad_weight", f"the padding-frame weight must be a finite number >= 0, got {self.pad_weight}")
         method = get_method(self.method)
+        if self.options and method.options is None:
+            bad(next(iter(self.options)), f"{self.method} takes no such option (got {', '.join(self.options)})")
+        if method.options is not None:
+            self.method_options()
         if self.variant is not None and self.variant not in method.variants:
             bad("variant", f"{self.method} has no variant {self.variant!r}"
                            + (f" (choose from {', '.join(method.variants)})" if method.variants else
                               " (it has no variants)"))
+
+    def method_options(self):
+        """The method's settings (its Method.options dataclass, checked), or None if it has none."""
+        import dataclasses
+
+        cls = get_method(self.method).options
+        if cls is None:
+            return None
+        known = {f.name for f in dataclasses.fields(cls)}
+        for k in self.options:
+            if k not in known:
+                raise QuantConfigError(f"{self.method} has no option {k!r} (it has {', '.join(sorted(known))})",
+                                       option=k)
+        opts = cls(**self.options)
+        if hasattr(opts, "check"):
+            opts.check()
+        return opts
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -120,6 +142,7 @@ class QuantReport:
     seconds: float = 0.0
     n_calib: int = 0
     calib_ids: list[str] = field(default_factory=list)
+    method_info: dict = field(default_factory=dict)    # what the method's prepare_items step reported
 
 
 @dataclass
@@ -161,15 +184,16 @@ def _new_stats(linears: dict, need_fp: bool) -> dict[str, LayerStats]:
     return stats
 
 
-def _accumulate(s: LayerStats, xh: torch.Tensor, x: torch.Tensor | None, method, item) -> None:
-    """Add one utterance's inputs of one Linear (rows are positions) to its statistics."""
+def _accumulate(s: LayerStats, xh: torch.Tensor, x: torch.Tensor | None, method, item, rows: str | None = None) -> None:
+    """Add one utterance's inputs of one Linear (rows are positions) to its statistics; `rows` says what the
+    rows are ("tokens": decoder positions, "frames": encoder frames, None: not known)."""
     s.H.addmm_(xh.T, xh)
     s.n += xh.shape[0]
     if x is not None:
         s.H_delta.addmm_((x - xh).T, xh)
         s.XX.addmm_(x.T, x)
     if method.accumulate is not None:
-        method.accumulate(s, xh, x, item)
+        method.accumulate(s, xh, x, item, rows)
 
 
 def _collect(cal, block: Block, fp_block, names: list[str], items, hq, hf, ctx_q, ctx_f, need_fp: bool,
@@ -300,7 +324,8 @@ def quantize_(asr, cfg: QuantConfig, calib=(), progress: bool = True, on_layer=N
     asr.method, asr.bits, asr.group_size = cfg.method, cfg.bits, cfg.group_size
     asr.recipe = {**cfg.to_dict(), "alpha": cfg.alpha if cfg.alpha is not None else method.default_alpha,
                   "variant": cfg.variant or method.default_variant,
-                  "n_calib": report.n_calib, "calib_ids": report.calib_ids, "numerics": numerics.state()}
+                  "n_calib": report.n_calib, "calib_ids": report.calib_ids, "numerics": numerics.state(),
+                  **({"method_info": report.method_info} if report.method_info else {})}
     return report
 
 
@@ -349,6 +374,8 @@ def _walk(asr, cal, blocks, calib, run: _Run, fp_embed):
     items = cal.prepare(calib)
     for i, item in enumerate(items):
         item["index"] = i  # its place in the calibration set (methods may split the set by it)
+    if method.prepare_items is not None:
+        run.report.method_info = method.prepare_items(items, cfg) or {}
     stage = None
     hq = hf = ctx_q = ctx_f = None
     for block in blocks:
@@ -413,7 +440,7 @@ def _walk_stages(cal, block, fp_block, stages, items, hq, hf, ctx_q, ctx_f, run:
                     xh = xh[idx] * sw[:, None]
                     x = x[idx] * sw[:, None] if x is not None else None
                 # the group's Linears share one input: accumulate once
-                _accumulate(stats[st.names[0]], xh, x, method, item)
+                _accumulate(stats[st.names[0]], xh, x, method, item, "frames" if st.frames else "tokens")
         for n in st.names[1:]:
             stats[n] = copy.deepcopy(stats[st.names[0]])
         for n in st.names:

@@ -10,10 +10,15 @@ H_Δ = Σ (x − x̂) x̂ᵀ and Σ x xᵀ from the full-precision model's input
 numbers in `info` go into the layer's row of the report and the checkpoint's diagnostics.
 
 Declared steps a method may add (the engine calls them; no other hooks):
-    accumulate(stats, xh, x, item)   more statistics of a layer input, per calibration item (rows are positions;
+    accumulate(stats, xh, x, item, rows)
+                                     more statistics of a layer input, per calibration item (rows are positions;
                                      x is None without the full-precision stream; item["index"] is the item's
-                                     place in the calibration set); kept in stats.extra. The Linears that read
-                                     the same input share one accumulation.
+                                     place in the calibration set; `rows` is "tokens" for decoder positions,
+                                     "frames" for encoder frames, None if unknown); kept in stats.extra. The
+                                     Linears that read the same input share one accumulation.
+    prepare_items(items, cfg) -> dict
+                                     once, on the prepared calibration items (e.g. to tag token positions);
+                                     what it returns goes into the recipe.
     prepare(weights, cfg) -> ctx     once before the walk, over {layer name: full-precision weight} of every
                                      layer to quantize (for statistics normalized across layers); ctx goes to
                                      every solve call.
@@ -46,6 +51,8 @@ class Method:
     min_calib: int = 2                   # calibration utterances it needs at least
     accumulate: Callable | None = None   # see the module docstring
     prepare: Callable | None = None
+    prepare_items: Callable | None = None
+    options: type | None = None          # a dataclass of the method's own settings (QuantConfig.options)
     variants: tuple[str, ...] = ()       # names accepted by QuantConfig.variant (the first is the default)
     default_variant: str | None = None
 
@@ -59,7 +66,7 @@ def register(method: Method) -> Method:
 
 
 def get_method(name: str) -> Method:
-    from quasr.methods import fade, gptaq, gptq, qep, rtn  # noqa: F401  (registration)
+    from quasr.methods import fade, gptaq, gptq, qep, rtn, tarq  # noqa: F401  (registration)
     from quasr.quant.grid import QuantConfigError
 
     if name not in METHODS:

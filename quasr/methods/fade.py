@@ -40,7 +40,7 @@ VARIANTS = ("split-vuln", "split", "size-vuln", "split-size-vuln")
 MIN_CALIB = 4  # two halves of at least two utterances each
 
 
-def accumulate(stats, xh: torch.Tensor, x: torch.Tensor | None, item: dict) -> None:
+def accumulate(stats, xh: torch.Tensor, x: torch.Tensor | None, item: dict, rows: str | None = None) -> None:
     """Half A of the calibration set (items with an even index): its H and H_Δ; half B is the rest."""
     if item["index"] % 2:
         return

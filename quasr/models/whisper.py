@@ -360,6 +360,20 @@ def _whisper_blocks(asr: "WhisperAsr"):
     return enc + dec
 
 
+def _token_words(text: str, offsets) -> list[str | None]:
+    """The word (a whitespace-separated run of `text`) each token belongs to, from the tokenizer's character
+    offsets: the word holding the token's first non-space character (None for a token of spaces only)."""
+    import re
+
+    spans = [(m.start(), m.end(), m.group()) for m in re.finditer(r"\S+", text)]
+    out = []
+    for start, end in offsets:
+        while start < end and text[start].isspace():
+            start += 1
+        out.append(next((w for a, b, w in spans if a <= start < b), None) if start < end else None)
+    return out
+
+
 class WhisperCalibration:
     """Teacher-forced calibration inputs and block-by-block forward for Whisper.
 
@@ -405,7 +419,9 @@ class WhisperCalibration:
                 raise DataError(f"calibration utterance {u.id}: {u.seconds:.1f} s is longer than Whisper's "
                                 f"{WINDOW_SECONDS:.0f} s window; use shorter calibration audio")
             feats = fe(u.audio, sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features
-            text_ids = tok(" " + u.text.strip(), add_special_tokens=False).input_ids
+            text = " " + u.text.strip()
+            enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+            text_ids = enc.input_ids
             ids = prompt + text_ids + [eot]
             if len(ids) > max_tokens:
                 raise DataError(f"calibration utterance {u.id}: {len(ids)} tokens exceed the decoder's {max_tokens}")
@@ -414,7 +430,11 @@ class WhisperCalibration:
             items.append({"id": u.id, "features": feats.to(self.asr.model.dtype),
                           "frames": n_frames if self.encoder_frames == "window" else min(frames, n_frames),
                           "speech_frames": min(frames, n_frames),
-                          "tokens": torch.tensor([ids]), "n_prompt": len(prompt), "text": u.text})
+                          "tokens": torch.tensor([ids]), "n_prompt": len(prompt), "text": u.text,
+                          # for each position, the word of the token it predicts (the next one); None for
+                          # the prompt's tokens and <|endoftext|>
+                          "next_word": (len(prompt) - 1) * [None] + _token_words(text, enc.offset_mapping)
+                          + [None, None]})
         return items
 
     def encoder_input(self, item: dict) -> torch.Tensor:
