@@ -52,8 +52,9 @@ def baseline(path: Path, decoding: str | None = None) -> str:
 BUSY_LOAD = 2.5  # a 1-minute load average above this on the 2-core machines means other work shared the CPUs
 SEED_KEYS = ("seed",)  # what varies between the records of one recipe
 RECIPE_KEYS = ("model", "method", "bits", "group_size", "alpha", "variant", "embedding_bits", "encoder_frames",
-               "pad_stride", "pad_weight", "percdamp", "layers", "calib", "n_calib", "decoding")
-REFS = {"fade": ("rtn", "gptq")}  # what each results file's recipes are compared with (default: rtn and fp)
+               "pad_stride", "pad_weight", "percdamp", "layers", "calib", "n_calib", "decoding", "pool", "tail_cost")
+REFS = {"fade": ("rtn", "gptq"), "tarq": ("gptq", "rtn"), "tarq-swing": ("gptq",)}  # default: rtn and fp
+RARE_PAIRS = {"tarq", "tarq-swing"}  # benchmarks whose paired table also compares rare-word errors
 
 
 def timed(x: float | None, busy: bool) -> str | None:
@@ -71,13 +72,21 @@ def paired(a: dict[str, int], b: dict[str, int]) -> tuple[int, int]:
     return better_worse([a[k] for k in a], [b[k] for k in a])
 
 
-def utterance_errors(results_dir: Path, rec: dict) -> dict[str, tuple[int, int]] | None:
+METRICS = {"errors": ("errors", "n_ref"), "rare": ("rare_errors", "rare_words")}  # (numerator, denominator)
+
+
+def utterance_errors(results_dir: Path, rec: dict, metric: str = "errors") -> dict[str, tuple[int, int]] | None:
     """{utterance id: (errors, reference words)} from the transcript file a record names, or None if it names
-    none."""
+    none; metric "rare": (rare-word errors, rare reference words)."""
     if not rec.get("transcripts"):
         return None
+    num, den = METRICS[metric]
     lines = (results_dir / rec["transcripts"]).read_text().splitlines()
-    return {u["id"]: (u["errors"], u.get("n_ref", 0)) for u in map(json.loads, lines)}
+    out = {}
+    for u in map(json.loads, lines):
+        d = u.get(den, 0)
+        out[u["id"]] = (u.get(num, 0), len(d) if isinstance(d, list) else d)
+    return out
 
 
 def one_decoding(recs: list[dict], path: Path, decoding: str | None = None) -> list[dict]:
@@ -99,8 +108,19 @@ class Recipe:
 
     def __init__(self, recs: list[dict], results_dir: Path):
         self.recs = sorted(recs, key=lambda r: (r.get("seed") is None, r.get("seed") or 0))
+        self.dir = results_dir
         per_seed = [utterance_errors(results_dir, r) for r in self.recs]
         self.utts = None if any(u is None for u in per_seed) else per_seed
+
+    def metric(self, metric: str) -> "Recipe":
+        """The same recipe with its per-utterance counts of another metric (see METRICS)."""
+        if metric == "errors":
+            return self
+        other = Recipe.__new__(Recipe)
+        other.recs, other.dir = self.recs, self.dir
+        per_seed = [utterance_errors(self.dir, r, metric) for r in self.recs]
+        other.utts = None if any(u is None for u in per_seed) else per_seed
+        return other
 
     def mean_std(self, key: str):
         from quasr.stats import mean_std
@@ -118,14 +138,14 @@ class Recipe:
         return {i: (sum(u[i][0] for u in self.utts) / len(self.utts), self.utts[0][i][1]) for i in ids}
 
 
-def compare(a: Recipe, b: Recipe | None, resamples: int) -> tuple[str | None, str | None]:
+def compare(a: Recipe, b: Recipe | None, resamples: int, metric: str = "errors") -> tuple[str | None, str | None]:
     """(Δ WER of a − b with its paired bootstrap 95 % interval over utterances, "better / worse" utterances);
-    a dagger marks an interval that excludes zero."""
+    a dagger marks an interval that excludes zero. metric "rare": the same for rare-WER."""
     from quasr.stats import align_utterances, better_worse, paired_bootstrap
 
     if b is None or a is b:
         return None, None
-    ea, eb = a.mean_errors(), b.mean_errors()
+    ea, eb = a.metric(metric).mean_errors(), b.metric(metric).mean_errors()
     if ea is None or eb is None:
         return None, None
     ids = align_utterances(ea, eb, "report")
@@ -148,6 +168,8 @@ def ptq(path: Path, decoding: str | None = None, resamples: int = 10_000, refs: 
     95 % paired bootstrap interval over utterances, utterances better / worse), and cost."""
     d = json.loads(path.read_text())
     refs = refs or REFS.get(d.get("benchmark"), ("rtn", "fp"))
+    rare_pairs = d.get("benchmark") in RARE_PAIRS
+    common = any(r.get("common_wer") is not None for r in d["records"])
     recs = one_decoding([r for r in d["records"] if r["speaker"] is None], path, decoding)
     sets = list(dict.fromkeys(r["data"] for r in recs))
     groups: dict[tuple, dict[str, list[dict]]] = {}
@@ -192,6 +214,8 @@ def ptq(path: Path, decoding: str | None = None, resamples: int = 10_000, refs: 
         acc.append(head + [",".join(map(str, seeds)) or "-"]
                    + [pm(*by_set[s].mean_std("wer")[:2]) if s in by_set else None for s in sets]
                    + [pm(*by_set[s].mean_std("rare_wer")[:2]) if s in by_set else None for s in sets]
+                   + ([pm(*by_set[s].mean_std("common_wer")[:2]) if s in by_set else None for s in sets]
+                      if common else [])
                    + [pm(*by_set[s].mean_std("n_fallback_windows")[:2]) if s in by_set else None for s in sets])
         if k["method"] != "fp":
             cells = []
@@ -199,6 +223,10 @@ def ptq(path: Path, decoding: str | None = None, resamples: int = 10_000, refs: 
                 rec = by_set.get(s)
                 for r in refs:
                     c = compare(rec, ref(key, r, s), resamples) if rec and k["method"] != r else (None, None)
+                    cells += list(c)
+                if rare_pairs:
+                    c = compare(rec, ref(key, refs[0], s), resamples, "rare") if rec and k["method"] != refs[0] \
+                        else (None, None)
                     cells += list(c)
             pair.append(head + [",".join(map(str, seeds)) or "-"] + cells)
         busy = max(r.get("load_avg") or 0 for rec in by_set.values() for r in rec.recs) > BUSY_LOAD
@@ -218,12 +246,15 @@ def ptq(path: Path, decoding: str | None = None, resamples: int = 10_000, refs: 
            "Accuracy (mean ± standard deviation over calibration seeds; fell back: windows decoded again at a higher "
            "temperature):", "",
            md(acc, ["model", "method", "weights", "seeds"] + [f"WER {s} %" for s in sets]
-              + [f"rare-WER {s} %" for s in sets] + [f"fell back {s}" for s in sets]), "",
+              + [f"rare-WER {s} %" for s in sets] + ([f"common-WER {s} %" for s in sets] if common else [])
+              + [f"fell back {s}" for s in sets]), "",
            runaway, "",
            "Paired comparisons (Δ WER in points of the seed-mean model, 95 % bootstrap interval over utterances, "
            f"{resamples:,} resamples; † the interval excludes zero; utterances with fewer / more errors):", "",
            md(pair, ["model", "method", "weights", "seeds"]
-              + [c for s in sets for r in refs for c in (f"Δ vs {r.upper()} {s}", f"vs {r.upper()} {s}: better / worse")]),
+              + [c for s in sets for c in [x for r in refs for x in (f"Δ vs {r.upper()} {s}",
+                                                                      f"vs {r.upper()} {s}: better / worse")]
+                 + ([f"Δ rare-WER vs {refs[0].upper()} {s}", f"rare: better / worse {s}"] if rare_pairs else [])]),
            "",
            "Cost:", "",
            md(fmt_int(cost), ["model", "method", "weights", "quant s", "peak RSS MB", "ckpt MB", "bits/weight",
@@ -258,6 +289,30 @@ def runaways(recipes: dict[tuple, dict[str, Recipe]], factor: int = 3, extra: in
     return "Runaway decodes: " + " ".join(out) if out else ""
 
 
+def swing(path: Path, decoding: str | None = None) -> str:
+    """Rare-WER of each method calibrated on each pool, and its swing (max − min over pools), per test set."""
+    d = json.loads(path.read_text())
+    recs = one_decoding([r for r in d["records"] if r["speaker"] is None], path, decoding)
+    sets = list(dict.fromkeys(r["data"] for r in recs))
+    pools = list(dict.fromkeys((r["calib"], r.get("pool") or "random") for r in recs))
+    rows = []
+    for model in dict.fromkeys(r["model"] for r in recs):
+        for method in dict.fromkeys(r["method"] for r in recs if r["model"] == model):
+            for bits in sorted({r["bits"] for r in recs if r["model"] == model and r["method"] == method}):
+                row = [model, method, f"W{bits}"]
+                for s in sets:
+                    vals = {(r["calib"], r.get("pool") or "random"): r["rare_wer"] for r in recs
+                            if (r["model"], r["method"], r["bits"], r["data"]) == (model, method, bits, s)}
+                    row += [vals.get(p) for p in pools]
+                    got = [v for v in vals.values() if v is not None]
+                    row.append(max(got) - min(got) if len(got) > 1 else None)
+                rows.append(row)
+    header = ["model", "method", "weights"] + [c for s in sets for c in
+                                                [f"{s} rare-WER, {c} {p}" for c, p in pools] + [f"{s} swing"]]
+    return "\n".join([f"Decoding: {next(iter({str(r.get('decoding')) for r in recs}), None)}. Commands:", "",
+                      commands(d), "", md(rows, header)])
+
+
 def label_of(k: dict) -> str:
     label = k["method"] + (f" α={k['alpha']}" if k.get("alpha") is not None else "")
     if k.get("variant"):
@@ -275,6 +330,8 @@ def label_of(k: dict) -> str:
         label += f", pad stride {k['pad_stride']}"
     if k.get("pad_weight") is not None:
         label += f", pad weight {k['pad_weight']}"
+    if k.get("pool") not in (None, "random"):
+        label += f", pool {k['pool']}"
     return label
 
 
@@ -285,7 +342,8 @@ def commands(d: dict) -> str:
 
 
 TITLES = {"baseline": "Full precision", "ptq": "Weight-only post-training quantization",
-          "fade": "FADE: per-layer compensation strength", "fade-select": "FADE: choosing the defaults on calib-dev"}
+          "fade": "FADE: per-layer compensation strength", "fade-select": "FADE: choosing the defaults on calib-dev",
+          "tarq": "TARQ: tail-aware calibration", "tarq-swing": "TARQ: the calibration swing"}
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 DEFAULT = ["baseline", "ptq"]
 
@@ -299,7 +357,12 @@ def report(names: list[str], required: bool = True, decoding: str | None = None,
             raise SystemExit(f"{path}: no such results file (run its benchmark first)")
         if path.exists():
             title = TITLES.get(name) or TITLES.get(name.split("-")[0], name)
-            body = baseline(path, decoding) if name.startswith("baseline") else ptq(path, decoding, resamples)
+            if name.startswith("baseline"):
+                body = baseline(path, decoding)
+            elif name.startswith("tarq-swing"):
+                body = swing(path, decoding)
+            else:
+                body = ptq(path, decoding, resamples)
             out += [f"### {title}: `bench/results/{name}.json`", "", body, ""]
     return "\n".join(out)
 
