@@ -109,6 +109,9 @@ def eval_cmd(
     temperatures: Optional[str] = typer.Option(None, help=TEMPERATURES_HELP),
     decode_seed: int = typer.Option(0, help="Seed of the sampled fallback decodes"),
     batch_size: int = typer.Option(8, help="Utterances per decoding batch"),
+    runtime: Optional[str] = typer.Option(None, help="Transcribe in another runtime: whispercpp (a ggml file) or "
+                                                     "ctranslate2 (a CTranslate2 directory); see quasr export"),
+    compute_type: str = typer.Option("default", help="ctranslate2: the compute type (default, int8, float32, ...)"),
     errors: int = typer.Option(0, "--errors", help="Also list the N most frequent rare-word errors "
                                                    "(reference word -> hypothesis)"),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable items (counted, reported)"),
@@ -132,9 +135,15 @@ def eval_cmd(
             check_writable(out, "--out")
         quiet_transformers()
         sets = _load_sets(data, limit, skip_bad)
-        asr = load_model(model)
+        if runtime:
+            from quasr.deploy.runtimes import load_runtime
+
+            asr = load_runtime(runtime, model, compute_type)
+        else:
+            asr = load_model(model)
         results = evaluate(asr, sets, batch_size=batch_size, decoding=dec, progress=progress)
-        print_tables(results, title=f"{asr.name} ({dec.label} decoding, normalizer {NORMALIZER})")
+        where = f", {asr.family}" if runtime else ""
+        print_tables(results, title=f"{asr.name} ({dec.label} decoding{where}, normalizer {NORMALIZER})")
         if errors:
             print_rare_errors(results, errors)
         if out:
@@ -142,8 +151,9 @@ def eval_cmd(
                 "benchmark": "eval", "created": now(), "command": command_line(), "normalizer": NORMALIZER,
                 "machine": machine_info(),
                 "recipe": {"model": asr.name, "spec": model, "decoding": dec.to_dict(), "batch_size": batch_size,
-                           "limit": limit, "data": data, **getattr(asr, "recipe", {})},
-                "records": to_records(results, **_checkpoint_recipe(asr)),
+                           "limit": limit, "data": data, **getattr(asr, "recipe", {}),
+                           **({"runtime": runtime, "runtime_settings": asr.settings(dec)} if runtime else {})},
+                "records": to_records(results, **_checkpoint_recipe(asr), **({"runtime": runtime} if runtime else {})),
                 "skipped": {r.data: [{"item": i, "reason": why} for i, why in r.skipped] for r in results},
                 "utterances": {r.data: r.utterances for r in results},
             })
@@ -192,6 +202,28 @@ def _quant_config(method: str, bits: int, group_size: int, alpha, embedding_bits
     return cfg
 
 
+TARGETS = {  # a runtime's weight format -> the quasr grid that is exactly (or, for q*_1, nearly) its arithmetic
+    "ggml-q4_0": dict(bits=4, group_size=32, sym=True), "ggml-q4_1": dict(bits=4, group_size=32, sym=False),
+    "ggml-q5_0": dict(bits=5, group_size=32, sym=True), "ggml-q5_1": dict(bits=5, group_size=32, sym=False),
+    "ggml-q8_0": dict(bits=8, group_size=32, sym=True), "ct2-int8": dict(bits=8, group_size=0, sym=True)}
+TARGET_HELP = ("Quantize for a runtime's format: " + ", ".join(TARGETS) + " (sets --bits, --group-size, --sym and the "
+               "embedding's grid; export with quasr export)")
+
+
+def _target_grid(target: Optional[str]) -> dict:
+    """The grid settings of --target (the token embedding gets the same grid: whisper.cpp stores it in the file's
+    weight type; CTranslate2 int8 rounds it per row)."""
+    from quasr.quant.grid import QuantConfigError
+
+    if target is None:
+        return {}
+    if target not in TARGETS:
+        raise QuantConfigError(f"unknown target {target!r} (choose from {', '.join(TARGETS)})", option="target")
+    g = TARGETS[target]
+    return dict(g, embedding_bits=g["bits"], embedding_group_size=g["group_size"] or None,
+                embedding_sym=g["sym"])
+
+
 def _layer_table(report, max_rows: int = 200):
     from rich.table import Table
 
@@ -220,6 +252,7 @@ def quantize_cmd(
     percdamp: float = typer.Option(0.01, help="GPTQ damping: this fraction of the mean Hessian diagonal is added to it"),
     embedding_bits: int = typer.Option(8, help="Bits of the tied token embedding / output head, per row; 0 keeps FP32"),
     layers: str = typer.Option("all", help="all | encoder | decoder"),
+    target: Optional[str] = typer.Option(None, help=TARGET_HELP),
     encoder_frames: str = typer.Option("window", help="window (30 s, as at inference) | speech (cut after the audio)"),
     pad_stride: int = typer.Option(4, help="Window mode: statistics from every k-th padding frame, weighted by k "
                                            "(1 = every frame, exact but slower)"),
@@ -256,9 +289,12 @@ def quantize_cmd(
 
         opts = {k: v for k, v in dict(tail_cost=tail_cost, tail_zipf=tail_zipf, tail_lang=tail_lang).items()
                 if v is not None}
-        cfg = _quant_config(method, bits, group_size, alpha, embedding_bits, n_calib, sym=sym, mse=mse,
-                            act_order=act_order, layers=layers, percdamp=percdamp, encoder_frames=encoder_frames,
-                            pad_stride=pad_stride, pad_weight=pad_weight, variant=variant, options=opts)
+        grid = dict(bits=bits, group_size=group_size, sym=sym, embedding_bits=embedding_bits)
+        grid.update(_target_grid(target))
+        cfg = _quant_config(method, grid.pop("bits"), grid.pop("group_size"), alpha, grid.pop("embedding_bits"),
+                            n_calib, mse=mse, act_order=act_order, layers=layers, percdamp=percdamp,
+                            encoder_frames=encoder_frames, pad_stride=pad_stride, pad_weight=pad_weight,
+                            variant=variant, options=opts, **grid)
         checkpoint.check_target(out, "--out")
         quiet_transformers()
         utts = _calibration(calib, n_calib, seed, skip_bad, pool) if get_method(method).needs_calibration else []
@@ -381,6 +417,56 @@ def compare_cmd(
                              "utterances": {"fp": {r.data: r.utterances for r in fp},
                                             "quantized": {r.data: r.utterances for r in q}}})
             console.print(f"wrote {out}")
+    except QuasrError as e:
+        _fail(e)
+
+
+EXPORT_FORMATS = {"ggml": "whisper.cpp model file: --type f16, f32, q4_0, q4_1, q5_0, q5_1, q8_0",
+                  "ct2": "CTranslate2 / faster-whisper directory: --type int8, int8_float32, float16, float32",
+                  "compressed-tensors": "pack-quantized directory (vLLM, transformers): no --type"}
+
+
+@app.command("export")
+def export_cmd(
+    src: str = typer.Argument(..., help="A quasr checkpoint directory, or any model spec (bundled name, directory)"),
+    out: Path = typer.Argument(..., help="Where to write: a file for ggml, a directory otherwise"),
+    format: str = typer.Option(..., "--format", "-f", help="ggml | ct2 | compressed-tensors"),
+    type: Optional[str] = typer.Option(None, "--type", "-t", help="The runtime's weight type (see --format)"),
+):
+    """Write a model in a runtime's format: whisper.cpp (ggml) or CTranslate2 (faster-whisper) with quasr's
+    calibrated codes when the checkpoint's grid is the type's (see quasr quantize --target), or the runtime's
+    own rounding of a full-precision model; or compressed-tensors."""
+    try:
+        from quasr.errors import UsageError
+        from quasr.progress import console
+        from quasr.results import check_writable
+
+        if format not in EXPORT_FORMATS:
+            raise UsageError(f"--format {format!r}: choose from {', '.join(EXPORT_FORMATS)}")
+        if format == "ggml":
+            from quasr.deploy.ggml import TYPES, export_ggml
+
+            if type not in TYPES:
+                raise UsageError(f"--type {type!r}: ggml types are {', '.join(TYPES)}")
+            check_writable(out, "OUT")
+            info = export_ggml(src, out, type)
+        elif format == "ct2":
+            from quasr.deploy.ct2 import TYPES, export_ct2
+
+            if type not in TYPES:
+                raise UsageError(f"--type {type!r}: CTranslate2 types are {', '.join(TYPES)}")
+            check_writable(out, "OUT", kind="dir")
+            info = export_ct2(src, out, type)
+        else:
+            from quasr.export import export_compressed_tensors
+
+            if type is not None:
+                raise UsageError("--type: compressed-tensors keeps the checkpoint's own grid; give no --type")
+            check_writable(out, "OUT", kind="dir")
+            export_compressed_tensors(src, out)
+            info = {"path": str(out)}
+        console.print(f"wrote {info['path']}" + (f" ({info['mb']:.1f} MB, {info.get('from_quasr_codes', 0)} tensors "
+                                                 f"from quasr's codes)" if "mb" in info else ""))
     except QuasrError as e:
         _fail(e)
 

@@ -59,7 +59,9 @@ class QuantConfig:
     act_order: bool = False
     alpha: float | None = None           # QEP / GPTAQ strength (method default when None)
     percdamp: float = 0.01
-    embedding_bits: int | None = 8       # tied token embedding / output head, per row; None keeps it FP
+    embedding_bits: int | None = 8       # tied token embedding / output head; None keeps it FP
+    embedding_group_size: int | None = None  # the embedding's groups (None: one per row)
+    embedding_sym: bool = True
     layers: str = "all"                  # all | encoder | decoder
     true_sequential: bool = True
     encoder_frames: str = "window"       # window (full 30 s, as at inference) | speech (cut after the audio)
@@ -92,6 +94,10 @@ class QuantConfig:
                                                 or not 2 <= self.embedding_bits <= 8):
             bad("embedding_bits", f"embedding bits must be between 2 and 8 (None keeps the embedding in full "
                                   f"precision), got {self.embedding_bits}")
+        if self.embedding_group_size is not None and (not isinstance(self.embedding_group_size, int)
+                                                      or self.embedding_group_size <= 0):
+            bad("embedding_group_size", f"the embedding's group size must be a positive number of columns (None: "
+                                        f"one group per row), got {self.embedding_group_size}")
         if not (isinstance(self.percdamp, (int, float)) and math.isfinite(self.percdamp) and self.percdamp >= 0):
             bad("percdamp", f"damping must be a finite number >= 0, got {self.percdamp}")
         if self.alpha is not None and not (isinstance(self.alpha, (int, float)) and 0 <= self.alpha <= 1):
@@ -277,7 +283,8 @@ def quantize_(asr, cfg: QuantConfig, calib=(), progress: bool = True, on_layer=N
     if cfg.embedding_bits:
         from quasr.quant.modules import tied_embedding_names
 
-        QuantGrid(cfg.embedding_bits, None, sym=True)  # bits in range
+        QuantGrid(cfg.embedding_bits, cfg.embedding_group_size, cfg.embedding_sym).check(
+            tuple(asr.model.get_input_embeddings().weight.shape), "token embedding")
         if tied_embedding_names(asr.model) is None:
             raise QuantConfigError(f"{type(asr.model).__name__}: embedding_bits={cfg.embedding_bits} needs an output "
                                    "projection tied to the token embedding; this model's is not tied (use "
@@ -300,12 +307,12 @@ def quantize_(asr, cfg: QuantConfig, calib=(), progress: bool = True, on_layer=N
     if cfg.embedding_bits:
         name = "model.decoder.embed_tokens"
         check_finite(fp_embed, name)
-        qe = rtn(fp_embed, QuantGrid(cfg.embedding_bits, None, sym=True), name)
+        qe = rtn(fp_embed, QuantGrid(cfg.embedding_bits, cfg.embedding_group_size, cfg.embedding_sym), name)
         with torch.no_grad():
             embed.weight.copy_(qe.dequantize())  # tied: the output head sees the quantized rows too
         quantized[name] = qe
         report.layers.append({"name": name, "shape": list(fp_embed.shape), "bits": cfg.embedding_bits,
-                              "group_size": None, "method": "rtn", "seconds": 0.0})
+                              "group_size": cfg.embedding_group_size, "method": "rtn", "seconds": 0.0})
 
     n_linears = sum(len(g) for b in blocks for g in b.groups)
     with progress_bar(progress) as bar:

@@ -32,5 +32,5 @@ pip_install() {  # quiet pip; shows its output (less this machine's find-links n
 }
 # torch is pinned here (the CPU build), not in pyproject: a bare `torch` requirement pulls a CUDA build.
 pip_install torch==2.13.0
-pip_install -e ".[bundled,test]"
+pip_install -e ".[bundled,test,deploy]"
 .venv/bin/python -c "import quasr, torch; print('setup: ok, torch', torch.__version__)"

@@ -1,0 +1,116 @@
+"""Exports to the runtimes people deploy Whisper with: whisper.cpp (ggml files) and CTranslate2 (faster-whisper).
+The files load in the real runtimes and transcribe real speech; quasr's codes arrive unchanged."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from quasr.deploy.ggml import BLOCK, TYPES, GgmlError, decode_blocks, encode_blocks, read_ggml
+from quasr.quant.grid import QuantGrid, rtn
+
+
+@pytest.mark.parametrize("name", ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0"])
+def test_blocks_hold_quasr_codes(name):
+    t = TYPES[name]
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(8, 4 * BLOCK, generator=g)
+    qw = rtn(W, QuantGrid(t.bits, BLOCK, t.sym))
+    scales = qw.scales.to(torch.float16)
+    ours = (scales.float().repeat_interleave(BLOCK, 1) * (qw.codes.float() - qw.zeros.float().repeat_interleave(BLOCK, 1)))
+    raw = encode_blocks(qw.codes.numpy(), scales.numpy(), None if t.sym else qw.zeros.numpy(), t)
+    assert raw.shape == (8, 4 * t.block_bytes)
+    back = decode_blocks(raw, t, 8, 4 * BLOCK)
+    if t.sym:
+        assert np.array_equal(back, ours.numpy())  # exact: w = d·(q − zero) with d = the float16 scale
+    else:  # m = −d·zero rounded to float16
+        assert np.abs(back - ours.numpy()).max() <= 2 ** -10 * float(ours.abs().max())
+
+
+@pytest.mark.parametrize("name", ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0"])
+def test_reader_agrees_with_ggml_reference(name):
+    """Our block reader against the gguf package's port of ggml's dequantization, on ggml's own rounding."""
+    gguf = pytest.importorskip("gguf")
+    from quasr.deploy.ggml import reference_blocks
+
+    W = np.random.default_rng(1).standard_normal((6, 128)).astype(np.float32)
+    raw = reference_blocks(W, TYPES[name])
+    ref = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[name.upper()])
+    assert np.array_equal(decode_blocks(raw, TYPES[name], 6, 128), ref)
+
+
+@pytest.fixture(scope="module")
+def q4_ckpt(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dep") / "tiny-q4_0"
+    r = subprocess.run([sys.executable, "-m", "quasr", "quantize", "--method", "rtn", "--target", "ggml-q4_0",
+                        "--out", str(out), "--no-progress"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return out
+
+
+@pytest.mark.slow
+def test_q4_0_file_holds_the_checkpoints_weights_and_runs_in_whisper_cpp(q4_ckpt, tmp_path):
+    pytest.importorskip("pywhispercpp")
+    from quasr import checkpoint
+    from quasr.data import load_source
+    from quasr.deploy.ggml import export_ggml, ggml_name
+    from quasr.deploy.runtimes import WhisperCppAsr
+
+    asr = checkpoint.load(q4_ckpt)
+    info = export_ggml(q4_ckpt, tmp_path / "m.bin", "q4_0")
+    assert info["from_quasr_codes"] == 4 * 6 + 4 * 10 + 1  # every Linear and the token embedding
+    f = read_ggml(tmp_path / "m.bin")
+    assert f["hparams"]["ftype"] == 2002
+    for name, m in asr.model.named_modules():
+        if hasattr(m, "weight_packed") and ggml_name(f"{name}.weight"):
+            kind, w = f["tensors"][ggml_name(f"{name}.weight")]
+            assert kind == "q4_0" and np.array_equal(w, m.dequantize(torch.float32).numpy()), name
+    utts = load_source("asterisk:test", limit=3).utterances
+    hyps = WhisperCppAsr(tmp_path / "m.bin").transcribe([u.audio for u in utts], progress=False)
+    assert sum(len(h.split()) for h in hyps) >= 3  # real words came out
+
+
+def test_a_grid_that_does_not_fit_is_refused(q4_ckpt, tmp_path):
+    from quasr.deploy.ggml import export_ggml
+
+    with pytest.raises(GgmlError, match="q4_1 is 4-bit asymmetric in groups of 32.*--target ggml-q4_1"):
+        export_ggml(q4_ckpt, tmp_path / "x.bin", "q4_1")
+    assert not (tmp_path / "x.bin").exists()
+
+
+@pytest.mark.slow
+def test_ct2_int8_keeps_quasr_codes_and_runs_in_faster_whisper(tmp_path):
+    pytest.importorskip("faster_whisper")
+    from quasr.data import load_source
+    from quasr.deploy.ct2 import export_ct2
+    from quasr.deploy.runtimes import FasterWhisperAsr
+    from quasr.models import load_model
+    from quasr.models.ct2 import read_model_bin
+    from quasr.quantize import QuantConfig, quantize_
+
+    asr = load_model("whisper-tiny.en")
+    quantize_(asr, QuantConfig(method="rtn", bits=8, group_size=None, sym=True), progress=False)
+    info = export_ct2(asr, tmp_path / "ct2", "int8")
+    assert info["from_quasr_codes"] == info["layers"]
+    v = read_model_bin(tmp_path / "ct2" / "model.bin")
+    w = v["decoder/layer_1/ffn/linear_0/weight"].astype(np.float32) / v["decoder/layer_1/ffn/linear_0/weight_scale"][:, None]
+    ref = asr.model.model.decoder.layers[1].fc1.dequantize().numpy()
+    assert np.abs(w - ref).max() < 1e-6 * np.abs(ref).max()
+    utts = load_source("asterisk:test", limit=3).utterances
+    hyps = FasterWhisperAsr(tmp_path / "ct2", "int8").transcribe([u.audio for u in utts], progress=False)
+    assert sum(len(h.split()) for h in hyps) >= 3
+
+
+def test_export_cli_errors_name_the_problem(q4_ckpt, tmp_path):
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "quasr", "export", *args], capture_output=True, text=True)
+
+    r = run(str(q4_ckpt), str(tmp_path / "o.bin"), "--format", "ggml", "--type", "q3_k")
+    assert r.returncode == 2 and "--type 'q3_k'" in r.stdout + r.stderr and not (tmp_path / "o.bin").exists()
+    r = run(str(q4_ckpt), str(tmp_path / "o"), "--format", "onnx")
+    assert r.returncode == 2 and "--format 'onnx'" in r.stdout + r.stderr
+    r = run(str(q4_ckpt), str(tmp_path / "o.bin"), "--format", "ggml", "--type", "q8_0")
+    assert r.returncode == 2 and "--target ggml-q8_0" in r.stdout + r.stderr and not (tmp_path / "o.bin").exists()
