@@ -20,6 +20,7 @@ class SetResult:
     seconds: float
     skipped: list[tuple[str, str]] = field(default_factory=list)
     decoding: str | None = None    # the policy's label (quasr.decoding)
+    meta: dict = field(default_factory=dict)  # the set's facts (e.g. tts: utterances differing from the reference)
 
     def windows(self) -> dict[str, int]:
         """Decoding windows of the set: decoded, decoded again at a higher temperature (at least once), and
@@ -55,7 +56,8 @@ def score_set(data: Dataset, hyps: list, seconds: float = 0.0, decoding: str | N
                      "hyp_norm": s["hyp"], "n_ref": c.n_ref, "errors": c.errors, "sub": c.sub, "del": c.dele,
                      "ins": c.ins, "rare_words": s["rare_words"], "rare_errors": c.rare_errors,
                      "common_errors": c.common_errors, "rare_pairs": s["rare_pairs"], **dec})
-    return SetResult(data.name, total, by_speaker, utts, seconds, list(data.skipped), decoding)
+    return SetResult(data.name, total, by_speaker, utts, seconds, list(data.skipped), decoding,
+                     dict(getattr(data, "meta", {}) or {}))
 
 
 def evaluate(model: AsrModel, sets: list[Dataset], batch_size: int = 8, decoding: Decoding | None = None,
@@ -86,7 +88,7 @@ def to_records(results: list[SetResult], **recipe) -> list[dict]:
                           n_rare_words=r.counts.n_rare_ref, wer=_pct(r.counts.wer),
                           rare_wer=_pct(r.counts.rare_wer), common_wer=_pct(r.counts.common_wer),
                           sec_per_utt=round(r.sec_per_utt, 4),
-                          n_skipped=len(r.skipped), **r.windows()))
+                          n_skipped=len(r.skipped), **r.windows(), **r.meta))
         for spk, c in r.by_speaker.items():
             n = sum(1 for u in r.utterances if u["speaker"] == spk)
             out.append(record(**recipe, **dec, data=r.data, speaker=spk, n_utts=n, n_words=c.n_ref,

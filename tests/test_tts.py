@@ -145,6 +145,13 @@ def test_manifest_records_hashes_and_a_changed_voice_is_reported(tiny, tmp_path,
 
 def test_the_built_sets_match_the_committed_reference():
     """The synthetic sets this machine builds are byte for byte the ones the committed results were measured on
-    (quasr/data/tts_reference.json)."""
+    (quasr/data/tts_reference.json): exactly for the programs without CPU-dependent kernels (festival, flite,
+    espeak-ng); the onnxruntime voices may differ on another CPU, which is reported, not failed."""
+    import warnings
+
     for split in tts.SPLITS:
-        assert tts.differences(tts.ensure_tts(split, progress=False), split) == []
+        check = tts.reference_check(tts.ensure_tts(split, progress=False), split)
+        assert check["differ_other"] == 0, check
+        if check["differ_neural"]:
+            warnings.warn(f"tts:{split}: {check['differ_neural']} utterances of the onnxruntime voices differ from the "
+                          f"reference on this CPU")

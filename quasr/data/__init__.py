@@ -30,6 +30,7 @@ class Dataset:
     utterances: list[Utterance]
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (item, reason)
     excluded: dict[str, int] = field(default_factory=dict)         # by design (e.g. non-speech markers)
+    meta: dict = field(default_factory=dict)                       # facts results should carry (see tts)
 
     def __len__(self) -> int:
         return len(self.utterances)
@@ -113,11 +114,14 @@ def load_source(spec: str, limit: int | None = None, skip_bad: bool = False) -> 
         from quasr.data.manifest import read_manifest_entries
         from quasr.data.tts import ensure_tts
 
+        from quasr.data.tts import reference_check
+
         path = ensure_tts(split)
         entries, skipped = read_manifest_entries(path, skip_bad)
         entries = [(ln, o) for ln, o in entries if keep is None or keep(o["id"])]
         ds = _materialize(name, _manifest_items(path, entries), limit, skip_bad)
         ds.skipped[:0] = skipped
+        ds.meta["audio_differs"] = reference_check(path, split)["differ"]  # from the reference set's bytes
         return ds
     if head == "hf":
         return _load_hf_source(spec, rest, limit, skip_bad)

@@ -217,7 +217,20 @@ def ensure_tts(split: str, cache_dir: Path | None = None, progress: bool = True)
     return manifest
 
 
+def reference_check(manifest: Path, split: str) -> dict:
+    """How the built set compares with the reference: utterances that differ, by voice kind."""
+    rows = {json.loads(line)["id"]: json.loads(line)["speaker"]
+            for line in manifest.read_text(encoding="utf-8").splitlines() if line}
+    diff = differences(manifest, split)
+    return {"differ": len(diff), "differ_neural": sum(rows[i] in NEURAL for i in diff),
+            "differ_other": sum(rows[i] not in NEURAL for i in diff), "utterances": len(rows)}
+
+
 REFERENCE = Path(__file__).with_name("tts_reference.json")
+# engines that run a neural network in onnxruntime, which picks its kernels by the CPU: on another CPU their
+# samples can differ in the last bits (measured: an emulated AVX2-only CPU gave other bytes for both, while
+# flite gave the same; README, "Same recipe, same checkpoint, on any machine")
+NEURAL = ("hibari", "piper-joe")
 
 
 def _has_hashes(manifest: Path) -> bool:
