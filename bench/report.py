@@ -52,8 +52,10 @@ def baseline(path: Path, decoding: str | None = None) -> str:
 BUSY_LOAD = 2.5  # a 1-minute load average above this on the 2-core machines means other work shared the CPUs
 SEED_KEYS = ("seed",)  # what varies between the records of one recipe
 RECIPE_KEYS = ("model", "method", "bits", "group_size", "alpha", "variant", "embedding_bits", "encoder_frames",
-               "pad_stride", "pad_weight", "percdamp", "layers", "calib", "n_calib", "decoding", "pool", "tail_cost")
-REFS = {"fade": ("rtn", "gptq"), "tarq": ("gptq", "rtn"), "tarq-swing": ("gptq",)}  # default: rtn and fp
+               "pad_stride", "pad_weight", "percdamp", "layers", "calib", "n_calib", "decoding", "pool", "tail_cost",
+               "runtime", "rtype")
+REFS = {"fade": ("rtn", "gptq"), "tarq": ("gptq", "rtn"), "tarq-swing": ("gptq",),  # default: rtn and fp
+        "deploy": ("rtn-runtime", "fp")}
 RARE_PAIRS = {"tarq", "tarq-swing"}  # benchmarks whose paired table also compares rare-word errors
 
 
@@ -188,10 +190,13 @@ def ptq(path: Path, decoding: str | None = None, resamples: int = 10_000, refs: 
     def ref(key: tuple, method: str, s: str) -> Recipe | None:
         k = dict(zip(RECIPE_KEYS, key))
         same = ("bits", "group_size", "embedding_bits", "layers") + (
-            ("calib", "n_calib", "encoder_frames", "pad_stride", "pad_weight", "percdamp") if method != "rtn" else ())
+            ("calib", "n_calib", "encoder_frames", "pad_stride", "pad_weight", "percdamp")
+            if method not in ("rtn", "rtn-runtime") else ())
         for other, by_set in recipes.items():
             o = dict(zip(RECIPE_KEYS, other))
-            if o["method"] != method or o["model"] != k["model"] or s not in by_set:
+            if o["method"] != method or o["model"] != k["model"] or s not in by_set or o["runtime"] != k["runtime"]:
+                continue
+            if method == "rtn-runtime" and o["rtype"] != k["rtype"]:
                 continue
             if method == "fp" or all(o[x] == k[x] for x in same):
                 return by_set[s]
@@ -201,7 +206,8 @@ def ptq(path: Path, decoding: str | None = None, resamples: int = 10_000, refs: 
     own = [k for k in recipes if k in groups]
     order = sorted(own, key=lambda k: (models.index(k[0]), -(k[2] or 99)))
     acc, pair, cost = [], [], []
-    fp_speed = {(k[0], s): rec.mean_std("sec_per_utt")[0] for k, by in recipes.items() if k[1] == "fp"
+    runtime_of = RECIPE_KEYS.index("runtime")
+    fp_speed = {(k[0], k[runtime_of], s): rec.mean_std("sec_per_utt")[0] for k, by in recipes.items() if k[1] == "fp"
                 for s, rec in by.items()}
     for key in order:
         k = dict(zip(RECIPE_KEYS, key))
@@ -209,7 +215,7 @@ def ptq(path: Path, decoding: str | None = None, resamples: int = 10_000, refs: 
         first = next(iter(by_set.values()))
         seeds = sorted({r.get("seed") for rec in by_set.values() for r in rec.recs if r.get("seed") is not None})
         label = label_of(k)
-        weights = k["bits"] and f"W{k['bits']}G{k['group_size']}"
+        weights = k["bits"] and (f"W{k['bits']}G{k['group_size']}" if k["group_size"] else f"W{k['bits']}")
         head = [k["model"], label, weights]
         acc.append(head + [",".join(map(str, seeds)) or "-"]
                    + [pm(*by_set[s].mean_std("wer")[:2]) if s in by_set else None for s in sets]
@@ -230,8 +236,8 @@ def ptq(path: Path, decoding: str | None = None, resamples: int = 10_000, refs: 
                     cells += list(c)
             pair.append(head + [",".join(map(str, seeds)) or "-"] + cells)
         busy = max(r.get("load_avg") or 0 for rec in by_set.values() for r in rec.recs) > BUSY_LOAD
-        speeds = [fp_speed[(k["model"], s)] / by_set[s].mean_std("sec_per_utt")[0] for s in by_set
-                  if fp_speed.get((k["model"], s)) and by_set[s].mean_std("sec_per_utt")[0]]
+        speeds = [fp_speed[(k["model"], k["runtime"], s)] / by_set[s].mean_std("sec_per_utt")[0] for s in by_set
+                  if fp_speed.get((k["model"], k["runtime"], s)) and by_set[s].mean_std("sec_per_utt")[0]]
         q = first.mean_std("quant_seconds")
         cost.append(head + [pm(q[0], q[1]) if q[0] is not None else None, first.mean_std("peak_rss_mb")[0],
                             first.recs[0].get("size_mb"), first.recs[0].get("bits_per_weight"),
@@ -315,13 +321,15 @@ def swing(path: Path, decoding: str | None = None) -> str:
 
 def label_of(k: dict) -> str:
     label = k["method"] + (f" α={k['alpha']}" if k.get("alpha") is not None else "")
+    if k.get("runtime"):
+        label = f"{k['runtime']} {k['rtype']}: " + {"rtn-runtime": "its own rounding"}.get(k["method"], label)
     if k.get("variant"):
         label += f" ({k['variant']})"
     if k.get("percdamp") not in (None, 0.01):  # GPTQ's default damping is left unsaid
         label += f" damp={k['percdamp']}"
     if k.get("layers"):  # only the encoder's or only the decoder's Linears quantized
         label += f", {k['layers']} only"
-    if k["method"] != "fp" and k.get("embedding_bits") != 8:  # 8 bits per row is the default
+    if k["method"] != "fp" and k.get("embedding_bits") != 8 and not k.get("runtime"):  # 8 bits per row: default
         label += ", emb fp32" if k.get("embedding_bits") is None else f", emb {k['embedding_bits']}"
     frames = k.get("encoder_frames")
     if frames == "speech":
@@ -343,7 +351,8 @@ def commands(d: dict) -> str:
 
 TITLES = {"baseline": "Full precision", "ptq": "Weight-only post-training quantization",
           "fade": "FADE: per-layer compensation strength", "fade-select": "FADE: choosing the defaults on calib-dev",
-          "tarq": "TARQ: tail-aware calibration", "tarq-swing": "TARQ: the calibration swing"}
+          "tarq": "TARQ: tail-aware calibration", "tarq-swing": "TARQ: the calibration swing",
+          "deploy": "In the runtimes: whisper.cpp and faster-whisper"}
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 DEFAULT = ["baseline", "ptq"]
 
