@@ -59,13 +59,20 @@ class Decoding:
 
     @property
     def label(self) -> str:
-        """The name stored in results records; options that differ from the named policy are appended."""
+        """The name stored in results records; every setting that differs from the named policy is appended, so
+        two different policies never share a label."""
+        from dataclasses import fields
+
         ref = parse_decoding(self.name)
         extra = []
-        if self.temperatures != ref.temperatures:
-            extra.append("t=" + "/".join(f"{t:g}" for t in self.temperatures))
-        if self.seed != ref.seed:
-            extra.append(f"seed={self.seed}")
+        for f in fields(self):
+            mine, theirs = getattr(self, f.name), getattr(ref, f.name)
+            if f.name == "name" or mine == theirs:
+                continue
+            if f.name == "temperatures":
+                extra.append("t=" + "/".join(f"{t:g}" for t in mine))
+            else:
+                extra.append(f"{f.name}={mine}")
         return self.name + ("[" + ",".join(extra) + "]" if extra else "")
 
     def to_dict(self) -> dict:

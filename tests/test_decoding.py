@@ -125,3 +125,17 @@ def test_silence_is_skipped_and_fallback_rounds_read_their_own_no_speech_probabi
     out = tiny.transcribe_detailed([silence, audios[1]], decoding=forced, progress=False)
     assert (out[0].skipped_windows, out[0].fallbacks, out[0].text) == (1, 0, "")
     assert (out[1].skipped_windows, out[1].fallbacks) == (0, 1) and out[1].text
+
+
+def test_labels_tell_every_setting_apart():
+    assert Decoding(logprob_threshold=-2.0).label == "standard[logprob_threshold=-2.0]"
+    assert Decoding(no_speech_threshold=None, seed=2).label == "standard[no_speech_threshold=None,seed=2]"
+    assert parse_decoding("greedy").label == "greedy" and parse_decoding("beam3").label == "beam3"
+
+
+@pytest.mark.slow
+def test_beam_search_reads_each_inputs_no_speech_probability(tiny, audios):
+    """With beam search each input has several rows in the first step; silence is still skipped, speech not."""
+    silence = np.zeros(3 * 16000, dtype=np.float32)
+    out = tiny.transcribe_detailed([silence, audios[1]], decoding=parse_decoding("beam3"), progress=False)
+    assert (out[0].text, out[0].skipped_windows) == ("", 1) and out[1].text and out[1].skipped_windows == 0

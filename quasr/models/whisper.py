@@ -206,9 +206,8 @@ class FallbackLog:
             return seqs, outs, [self.windows[b][-1]["skipped"] for b in batch], condition, kind
 
         def first_step_logits(module, inputs, output):
-            if self._first_step:  # [rows, prompt length, vocab]; beam search repeats each input num_beams times
-                rows = output[:: max(1, d.beams), -self.sot_from_end].float()
-                self._no_speech = rows.softmax(dim=-1)[:, no_speech_id]
+            if self._first_step:  # [rows, prompt length, vocab] (beam search: num_beams rows per input)
+                self._no_speech = output[:, -self.sot_from_end].float().softmax(dim=-1)[:, no_speech_id]
                 self._first_step = False
 
         def need_fallback(seek_sequence, seek_outputs, index, logits_processor, generation_config, vocab_size,
@@ -217,7 +216,8 @@ class FallbackLog:
                                              generation_config, vocab_size, temperature)
             self._first_step = True  # the next forward pass is the first step of the next decode
             if d.no_speech_threshold is not None and self._no_speech is not None:
-                silent = float(self._no_speech[index]) > d.no_speech_threshold
+                per_input = max(1, len(self._no_speech) // max(1, len(seek_outputs)))  # beams of this decode
+                silent = float(self._no_speech[index * per_input]) > d.no_speech_threshold
                 if silent and d.logprob_threshold is not None:
                     if hasattr(seek_outputs[0], "sequences_scores"):
                         logprob = float(seek_outputs[index]["sequences_scores"])
