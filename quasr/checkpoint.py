@@ -32,6 +32,8 @@ from pathlib import Path
 import torch
 
 from quasr.errors import ModelError
+from quasr.quant.formats import format_from_entry
+from quasr.quant.grid import QuantConfigError
 from quasr.quant.modules import (QuantizedEmbedding, QuantizedLinear, TiedQuantizedHead, module_name,
                                  quantized_modules, replace_module)
 
@@ -123,14 +125,14 @@ def _versions() -> dict:
 
 
 def _module_entry(model, name: str, m) -> dict:
+    scale = getattr(m, "weight_scale", None)
+    scale_dtype = {"scale_dtype": _dtype_name(scale.dtype)} if scale is not None else {}
     if isinstance(m, QuantizedLinear):
-        return {"kind": "linear", "shape": [m.out_features, m.in_features], "bits": m.bits,
-                "group_size": m.group_size, "sym": m.sym, "bias": m.bias is not None,
-                "scale_dtype": _dtype_name(m.weight_scale.dtype)}
+        return {"kind": "linear", "shape": [m.out_features, m.in_features], **m.fmt.entry(),
+                "bias": m.bias is not None, **scale_dtype}
     if isinstance(m, QuantizedEmbedding):
-        return {"kind": "embedding", "shape": [m.num_embeddings, m.embedding_dim], "bits": m.bits,
-                "group_size": m.group_size, "sym": m.sym, "padding_idx": m.padding_idx,
-                "scale_dtype": _dtype_name(m.weight_scale.dtype)}
+        return {"kind": "embedding", "shape": [m.num_embeddings, m.embedding_dim], **m.fmt.entry(),
+                "padding_idx": m.padding_idx, **scale_dtype}
     if isinstance(m, TiedQuantizedHead):
         try:
             emb = module_name(model, m.embedding)
@@ -145,19 +147,20 @@ def _new_module(name: str, spec: dict, modules: dict[str, torch.nn.Module], devi
     try:
         if kind == "linear":
             out_f, in_f = spec["shape"]
-            return QuantizedLinear(in_f, out_f, spec["bits"], spec["group_size"], spec["sym"], spec["bias"],
-                                   _DTYPES[spec.get("scale_dtype", "float16")], device=device)
+            return QuantizedLinear(in_f, out_f, bias=spec["bias"], scale_dtype=_DTYPES[spec.get("scale_dtype", "float16")],
+                                   device=device, fmt=format_from_entry(spec))
         if kind == "embedding":
             v, d = spec["shape"]
-            return QuantizedEmbedding(v, d, spec["bits"], spec["group_size"], spec["sym"], spec.get("padding_idx"),
-                                      _DTYPES[spec.get("scale_dtype", "float16")], device=device)
+            return QuantizedEmbedding(v, d, padding_idx=spec.get("padding_idx"),
+                                      scale_dtype=_DTYPES[spec.get("scale_dtype", "float16")], device=device,
+                                      fmt=format_from_entry(spec))
         if kind == "tied_head":
             emb = modules.get(spec["embedding"])
             if not isinstance(emb, QuantizedEmbedding):
                 raise CheckpointError(f"{name}: tied to {spec['embedding']!r}, which is not a quantized embedding "
                                       f"of this checkpoint")
             return TiedQuantizedHead(emb)
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, QuantConfigError) as e:
         if isinstance(e, CheckpointError):
             raise
         raise CheckpointError(f"{name}: malformed module entry {spec} ({type(e).__name__}: {e})") from e
@@ -493,7 +496,7 @@ def info(path: str | Path) -> dict:
         if kind not in groups:
             continue
         g = groups[kind]
-        keys = [f"{name}.weight_packed", f"{name}.weight_scale", f"{name}.weight_zero"]
+        keys = [k for k in header if k.startswith(f"{name}.weight_")]  # codes, scales, zeros, absmax...
         g["modules"] += 1
         g["weights"] += int(spec["shape"][0]) * int(spec["shape"][1])
         g["bytes"] += sum(nbytes(k) for k in keys)

@@ -17,10 +17,11 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 DATA_HELP = ("Speech source (repeatable): a manifest .jsonl, asterisk[:test|:calib|:all], tts[:test|:calib], "
              "or hf:NAME[:SPLIT][?config=C&audio=COL&text=COL&speaker=COL]")
-GROUP_HELP = "Columns per scale group; 0 = one group per output channel"
+GROUP_HELP = ("Columns per scale group (NF4: per block); 0 = one group per output channel; default: the method's "
+              "(128; nf4: 64)")
 DECODING_HELP = ("standard (openai-whisper's defaults: temperature fallback, no-speech check, timestamps), "
                  "greedy (one pass, no fallback), or beamN (standard with beam search of width N)")
-METHOD_HELP = "rtn | gptq | qep | gptaq | fade | tarq | tarq-rarebal | tarq-residual"
+METHOD_HELP = "rtn | gptq | qep | gptaq | fade | tarq | tarq-rarebal | tarq-residual | nf4"
 POOL_HELP = ("How calibration utterances are chosen: random, r-top (highest rare-word density), r-mix (half "
              "each)")
 ALPHA_HELP = ("Compensation strength in [0, 1]: qep/gptaq's global alpha (default 0.5 / 0.25), fade's upper bound "
@@ -178,13 +179,22 @@ def _calibration(calib: list[str], n_calib: int, seed: int, skip_bad: bool, pool
     return choose(utts, n_calib, seed, pool)
 
 
-def _quant_config(method: str, bits: int, group_size: int, alpha, embedding_bits: int, n_calib: int, **kw):
+def _known_methods() -> set[str]:
+    from quasr.methods import METHODS, get_method
+
+    get_method("gptq")  # registers them all
+    return set(METHODS)
+
+
+def _quant_config(method: str, bits: int, group_size: int | None, alpha, embedding_bits: int, n_calib: int, **kw):
     """The QuantConfig of the command-line options, checked (errors name the option) before any work."""
     from quasr.methods import get_method
     from quasr.quantize import MIN_CALIB, QuantConfig
     from quasr.quant.grid import QuantConfigError
 
     # the command line's own conventions (0 = per channel, 0 = full-precision embedding) are checked here
+    if group_size is None:
+        group_size = get_method(method).default_group_size if method in _known_methods() else 128
     if group_size < 0:
         raise QuantConfigError(f"must be a positive number of columns, or 0 for one group per output channel; got "
                                f"{group_size}", option="group_size")
@@ -242,7 +252,7 @@ def quantize_cmd(
     model: str = typer.Option("whisper-tiny.en", "--model", "-m", help="Bundled name, model dir or hub id"),
     method: str = typer.Option("gptq", help=METHOD_HELP),
     bits: int = typer.Option(4, help="Weight bits, 2-8"),
-    group_size: int = typer.Option(128, help=GROUP_HELP),
+    group_size: Optional[int] = typer.Option(None, help=GROUP_HELP),
     alpha: Optional[float] = typer.Option(None, help=ALPHA_HELP),
     variant: Optional[str] = typer.Option(None, help="The method's variant (fade: split-vuln, split, size-vuln, "
                                                      "split-size-vuln)"),
@@ -262,6 +272,8 @@ def quantize_cmd(
     tail_zipf: Optional[float] = typer.Option(None, help="tarq: a word is rare below this wordfreq Zipf frequency "
                                                          "(default 3)"),
     tail_lang: Optional[str] = typer.Option(None, help="tarq: wordfreq language of the transcripts (default en)"),
+    double_quant: Optional[bool] = typer.Option(None, "--double-quant/--no-double-quant",
+                                                help="nf4: store the block absmax constants in 8 bits"),
     calib: list[str] = typer.Option(["asterisk:calib", "tts:calib"], "--calib", help="Calibration source (repeatable)"),
     n_calib: int = typer.Option(128, help="Calibration utterances, chosen from the sources with --seed"),
     pool: str = typer.Option("random", help=POOL_HELP),
@@ -287,8 +299,8 @@ def quantize_cmd(
         from quasr.progress import console
         from quasr.quantize import quantize_
 
-        opts = {k: v for k, v in dict(tail_cost=tail_cost, tail_zipf=tail_zipf, tail_lang=tail_lang).items()
-                if v is not None}
+        opts = {k: v for k, v in dict(tail_cost=tail_cost, tail_zipf=tail_zipf, tail_lang=tail_lang,
+                                      double_quant=double_quant).items() if v is not None}
         grid = dict(bits=bits, group_size=group_size, sym=sym, embedding_bits=embedding_bits)
         grid.update(_target_grid(target))
         cfg = _quant_config(method, grid.pop("bits"), grid.pop("group_size"), alpha, grid.pop("embedding_bits"),
@@ -341,7 +353,7 @@ def compare_cmd(
     model: str = typer.Option("whisper-tiny.en", "--model", "-m", help="Bundled name, model dir or hub id"),
     method: str = typer.Option("gptq", help=METHOD_HELP),
     bits: int = typer.Option(4, help="Weight bits, 2-8"),
-    group_size: int = typer.Option(128, help=GROUP_HELP),
+    group_size: Optional[int] = typer.Option(None, help=GROUP_HELP),
     alpha: Optional[float] = typer.Option(None, help=ALPHA_HELP),
     variant: Optional[str] = typer.Option(None, help="The method's variant (see quasr quantize --help)"),
     embedding_bits: int = typer.Option(8, help="Bits of the tied token embedding / output head; 0 keeps FP32"),
@@ -394,7 +406,7 @@ def compare_cmd(
         q_size = sum(b.numel() * b.element_size() for b in asr.model.buffers()) + sum(
             p.numel() * p.element_size() for p in asr.model.parameters())
         q = evaluate(asr, sets, batch_size=batch_size, decoding=dec, progress=progress)
-        label = f"{method} W{bits}" + (f"G{group_size}" if group_size else "") + \
+        label = f"{method} W{cfg.bits}" + (f"G{cfg.group_size}" if cfg.group_size else "") + \
                 (f" E{embedding_bits}" if embedding_bits else "")
         console.print(_compare_table(fp, q, label, f"{asr.name}: full precision vs {label} ({dec.label} decoding, "
                                                    f"normalizer {NORMALIZER})"))
@@ -406,7 +418,7 @@ def compare_cmd(
                                                      "seed": seed if utts else None})
             console.print(f"wrote {save}")
         if out:
-            recipe = dict(model=asr.name, method=method, bits=bits, group_size=group_size or None,
+            recipe = dict(model=asr.name, method=method, bits=cfg.bits, group_size=cfg.group_size,
                           calib="+".join(calib) if utts else None, n_calib=len(utts) or None,
                           seed=seed if utts else None, alpha=asr.recipe.get("alpha"),
                           embedding_bits=cfg.embedding_bits, encoder_frames=encoder_frames if utts else None,

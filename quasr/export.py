@@ -115,6 +115,11 @@ def export_compressed_tensors(path_or_asr, out_dir: str | Path, embedding: str =
             w = m.dequantize(dense_dtype or m.output_dtype)
             tensors[f"{name}.weight"] = w.contiguous()
             continue
+        from quasr.quant.formats import Affine
+
+        if not isinstance(m.fmt, Affine):
+            raise ExportError(f"{name}: stored as {m.fmt.name}; compressed-tensors' pack-quantized format holds "
+                              f"affine integer codes only")
         for k, t in _compress(m, scale_dtype).items():
             tensors[f"{name}.{k}"] = t
         groups.setdefault((m.bits, m.group_size, m.sym), []).append(name)

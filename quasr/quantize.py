@@ -87,6 +87,9 @@ class QuantConfig:
             bad("method", str(e))
         if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
             bad("bits", f"weight bits must be between 2 and 8, got {self.bits}")
+        fixed = get_method(self.method).fixed_bits
+        if fixed is not None and self.bits != fixed:
+            bad("bits", f"{self.method} stores {fixed} bits a weight; got {self.bits}")
         if self.group_size is not None and (not isinstance(self.group_size, int) or self.group_size <= 0):
             bad("group_size", f"the group size must be a positive number of columns (None: one group per output "
                               f"channel), got {self.group_size}")

@@ -91,7 +91,9 @@ def _int8_rows(module) -> tuple[np.ndarray, np.ndarray] | None:
     """(int8 q [rows, cols], float32 CTranslate2 scale [rows]) of a module on CTranslate2's int8 grid, else None."""
     from quasr.quant.modules import QuantizedEmbedding, QuantizedLinear
 
-    if not isinstance(module, (QuantizedLinear, QuantizedEmbedding)):
+    from quasr.quant.formats import Affine
+
+    if not isinstance(module, (QuantizedLinear, QuantizedEmbedding)) or not isinstance(module.fmt, Affine):
         return None
     if (module.bits, module.group_size, module.sym) != (8, None, True):
         return None

@@ -195,9 +195,14 @@ def _weights(asr, t: GgmlType, name: str, module) -> tuple[np.ndarray, bool]:
     from quasr.quant.modules import QuantizedEmbedding, QuantizedLinear
 
     if isinstance(module, (QuantizedLinear, QuantizedEmbedding)):
+        from quasr.quant.formats import Affine
+
         if t.bits is None:  # f16 / f32 of a quantized model: its dequantized weights
             w = module.dequantize(torch.float32).numpy()
             return (w.astype(np.float16) if t.name == "f16" else w), False
+        if not isinstance(module.fmt, Affine):
+            raise GgmlError(f"{name}: stored as {module.fmt.name}, which ggml's {t.name} cannot hold; quantize with "
+                            f"--target ggml-{t.name} (or export --type f16)")
         if (module.bits, module.group_size, module.sym) != (t.bits, BLOCK, t.sym):
             kind = "symmetric" if t.sym else "asymmetric"
             raise GgmlError(f"{name}: quantized W{module.bits}G{module.group_size} "

@@ -53,6 +53,8 @@ class Method:
     prepare: Callable | None = None
     prepare_items: Callable | None = None
     options: type | None = None          # a dataclass of the method's own settings (QuantConfig.options)
+    fixed_bits: int | None = None        # a format with one width (nf4: 4)
+    default_group_size: int = 128        # what the command line uses when --group-size is not given
     variants: tuple[str, ...] = ()       # names accepted by QuantConfig.variant (the first is the default)
     default_variant: str | None = None
 
@@ -66,7 +68,7 @@ def register(method: Method) -> Method:
 
 
 def get_method(name: str) -> Method:
-    from quasr.methods import fade, gptaq, gptq, qep, rtn, tarq  # noqa: F401  (registration)
+    from quasr.methods import fade, gptaq, gptq, nf4, qep, rtn, tarq  # noqa: F401  (registration)
     from quasr.quant.grid import QuantConfigError
 
     if name not in METHODS:

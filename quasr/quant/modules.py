@@ -26,106 +26,95 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from quasr.quant.formats import Affine, StorageFormat, format_of
 from quasr.quant.grid import QuantConfigError, QuantGrid, QuantizedWeight
-from quasr.quant.pack import pack, pack_stream, packed_width, stream_width, unpack, unpack_stream
 
 CHUNK_BYTES = 1 << 22   # dequantized rows per chunk: about this many bytes of float32
 CHUNK_MAX_ROWS = 64     # inputs with at most this many rows (tokens) use the chunked matmul...
 CHUNK_MIN_BYTES = 1 << 23  # ...for weights larger than this in float32 (smaller ones dequantize at once)
 
 
-def _n_groups(cols: int, group_size: int | None) -> int:
-    return 1 if group_size is None else cols // group_size
-
-
 class _PackedRows(nn.Module):
-    """Shared storage of a quantized [rows, cols] matrix (rows: outputs, or the vocabulary)."""
+    """Shared storage of a quantized [rows, cols] matrix (rows: outputs, or the vocabulary), in a storage format
+    (quasr.quant.formats: affine codes by default, or NF4) whose buffers it registers and asks to dequantize."""
 
-    def __init__(self, rows: int, cols: int, bits: int, group_size: int | None, sym: bool,
-                 scale_dtype: torch.dtype = torch.float16, device=None):
+    def __init__(self, rows: int, cols: int, bits: int | None = None, group_size: int | None = None, sym: bool = False,
+                 scale_dtype: torch.dtype = torch.float16, device=None, fmt: StorageFormat | None = None):
         super().__init__()
-        QuantGrid(bits, group_size, sym).check((rows, cols), type(self).__name__)
-        if group_size is not None and group_size > cols:
-            raise QuantConfigError(f"group size {group_size} exceeds the input width {cols}")
+        fmt = fmt or Affine(int(bits), group_size, bool(sym))
+        if isinstance(fmt, Affine):
+            QuantGrid(fmt.bits, fmt.group_size, fmt.sym).check((rows, cols), type(self).__name__)
+        if fmt.group_size is not None and fmt.group_size > cols:
+            raise QuantConfigError(f"group size {fmt.group_size} exceeds the input width {cols}")
+        if fmt.group_size is not None and cols % fmt.group_size:
+            raise QuantConfigError(f"{type(self).__name__}: group size {fmt.group_size} does not divide {cols}")
+        self.fmt = fmt
         self.rows, self.cols = int(rows), int(cols)
-        self.bits, self.group_size, self.sym = int(bits), group_size, bool(sym)
-        ng = _n_groups(cols, group_size)
-        self.register_buffer("weight_packed",
-                             torch.empty(rows, packed_width(cols, bits), dtype=torch.uint8, device=device))
-        self.register_buffer("weight_scale", torch.empty(rows, ng, dtype=scale_dtype, device=device))
-        if sym:
-            self.register_buffer("weight_zero", None)
-        else:
-            self.register_buffer("weight_zero",
-                                 torch.empty(rows, stream_width(ng, bits), dtype=torch.uint8, device=device))
+        self._buffer_names = []
+        for name, t in fmt.buffers(rows, cols, scale_dtype, device).items():
+            self.register_buffer(name, t)
+            self._buffer_names.append(name)
 
     # -- construction -------------------------------------------------------------------------------------
 
     @property
+    def bits(self) -> int:
+        return self.fmt.bits
+
+    @property
+    def group_size(self) -> int | None:
+        return self.fmt.group_size
+
+    @property
+    def sym(self) -> bool:
+        return self.fmt.sym
+
+    @property
     def n_groups(self) -> int:
-        return _n_groups(self.cols, self.group_size)
+        return 1 if self.group_size is None else self.cols // self.group_size
 
     @property
     def grid(self) -> QuantGrid:
+        if not isinstance(self.fmt, Affine):
+            raise QuantConfigError(f"a {self.fmt.name} matrix has no affine grid")
         return QuantGrid(self.bits, self.group_size, self.sym)
 
-    @staticmethod
-    def _storage_sym(qw: QuantizedWeight) -> bool:
-        """Symmetric storage drops the zero points; only when they are all the constant 2**(bits-1)."""
-        mid = 1 << (qw.grid.bits - 1)
-        return bool(qw.grid.sym and bool((qw.zeros == mid).all()))
+    def _bufs(self) -> dict:
+        return {n: getattr(self, n) for n in self._buffer_names}
 
-    def _fill(self, qw: QuantizedWeight) -> None:
+    def _fill(self, qw) -> None:
         rows, cols = qw.shape
         if (rows, cols) != (self.rows, self.cols):
             raise QuantConfigError(f"quantized weight shape {(rows, cols)} != module shape {(self.rows, self.cols)}")
-        if tuple(qw.scales.shape) != (rows, self.n_groups) or tuple(qw.zeros.shape) != (rows, self.n_groups):
-            raise QuantConfigError(f"scales/zeros of shape {tuple(qw.scales.shape)}/{tuple(qw.zeros.shape)} "
-                                   f"do not match {rows} rows x {self.n_groups} groups")
-        if not torch.isfinite(qw.scales).all():
-            raise QuantConfigError("quantized weight has NaN or infinite scales")
+        if isinstance(self.fmt, Affine):
+            if tuple(qw.scales.shape) != (rows, self.n_groups) or tuple(qw.zeros.shape) != (rows, self.n_groups):
+                raise QuantConfigError(f"scales/zeros of shape {tuple(qw.scales.shape)}/{tuple(qw.zeros.shape)} "
+                                       f"do not match {rows} rows x {self.n_groups} groups")
+            if not torch.isfinite(qw.scales).all():
+                raise QuantConfigError("quantized weight has NaN or infinite scales")
         dev = self.weight_packed.device
-        self.weight_packed = pack(qw.codes.to(torch.uint8).cpu(), self.bits).to(dev)
-        scale = qw.scales.detach().to(self.weight_scale.dtype)
-        if not torch.isfinite(scale).all():
-            raise QuantConfigError(f"scales overflow {self.weight_scale.dtype}")
-        self.weight_scale = scale.to(dev).contiguous()
-        if self.weight_zero is not None:
-            self.weight_zero = pack_stream(qw.zeros.to(torch.uint8).cpu(), self.bits).to(dev)
+        for name, t in self.fmt.fill(qw).items():
+            old = getattr(self, name)
+            if t is None or old is None:
+                setattr(self, name, t)
+                continue
+            t = t.detach().to(old.dtype)
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                raise QuantConfigError(f"{name} overflows {old.dtype}")
+            setattr(self, name, t.to(dev).contiguous())
 
     # -- dequantization -----------------------------------------------------------------------------------
 
-    def _zeros(self, packed_rows: torch.Tensor | None, dtype) -> torch.Tensor | float:
-        if packed_rows is None:
-            return float(1 << (self.bits - 1))
-        return unpack_stream(packed_rows, self.bits, self.n_groups).to(dtype).unsqueeze(-1)
-
-    def _dequantize(self, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
-                    dtype) -> torch.Tensor:
-        """Rows of the weight from their packed codes, scales and (packed) zeros: scale * (code - zero)."""
-        r = packed.shape[0]
-        w = unpack(packed, self.bits, self.cols).to(dtype).reshape(r, self.n_groups, -1)
-        w.sub_(self._zeros(zero, dtype))
-        w.mul_(scale.to(dtype).unsqueeze(-1))
-        return w.reshape(r, self.cols)
-
     def _dequantize_rows(self, r0: int, r1: int, dtype) -> torch.Tensor:
-        z = None if self.weight_zero is None else self.weight_zero[r0:r1]
-        return self._dequantize(self.weight_packed[r0:r1], self.weight_scale[r0:r1], z, dtype)
+        return self.fmt.dequantize(self._bufs(), r0, r1, self.cols, dtype)
 
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
         """The full [rows, cols] weight (for tests and export; forward never builds it for few-row inputs)."""
         return self._dequantize_rows(0, self.rows, dtype)
 
-    def quantized_weight(self) -> QuantizedWeight:
-        """Back to quasr.quant.grid's form (codes unpacked, float32 scales as stored)."""
-        codes = unpack(self.weight_packed, self.bits, self.cols).clone()
-        if self.weight_zero is None:
-            zeros = torch.full((self.rows, self.n_groups), 1 << (self.bits - 1), dtype=torch.uint8,
-                               device=codes.device)
-        else:
-            zeros = unpack_stream(self.weight_zero, self.bits, self.n_groups).clone()
-        return QuantizedWeight(codes, self.weight_scale.float(), zeros, self.grid)
+    def quantized_weight(self):
+        """Back to the format's quantized-weight form (affine: quasr.quant.grid's QuantizedWeight)."""
+        return self.fmt.quantized_weight(self._bufs(), self.rows, self.cols)
 
     def _matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """x @ W.T (+ bias) over the last dim of x, W dequantized to x's dtype."""
@@ -148,9 +137,8 @@ class _PackedRows(nn.Module):
     # -- memory -------------------------------------------------------------------------------------------
 
     def storage_nbytes(self) -> int:
-        """Bytes of the quantized weight: packed codes, scales and zeros (no bias)."""
-        n = self.weight_packed.nbytes + self.weight_scale.nbytes
-        return n + (0 if self.weight_zero is None else self.weight_zero.nbytes)
+        """Bytes of the quantized weight: every buffer of its format (codes, scales, zeros...; no bias)."""
+        return sum(t.nbytes for t in self._bufs().values() if t is not None)
 
     def bits_per_weight(self) -> float:
         return 8 * self.storage_nbytes() / (self.rows * self.cols)
@@ -158,14 +146,18 @@ class _PackedRows(nn.Module):
     def _apply(self, fn, recurse=True):
         # model.half() / .to(bfloat16) would round the stored scales again (lossy for float16 -> bfloat16):
         # device moves apply, dtype conversions do not touch the quantized storage.
-        scale_dtype = self.weight_scale.dtype
-        old_scale = self.weight_scale
+        before = {n: t for n, t in self._bufs().items() if t is not None}
         super()._apply(fn, recurse)
-        if self.weight_scale.dtype != scale_dtype:
-            self.weight_scale = old_scale.to(device=self.weight_scale.device)
+        for n, old in before.items():
+            new = getattr(self, n)
+            if new.dtype != old.dtype:
+                setattr(self, n, old.to(device=new.device))
         return self
 
     def _spec(self) -> str:
+        if not isinstance(self.fmt, Affine):
+            return f"{self.fmt.name}, block {self.fmt.group_size}" + (", double quant" if getattr(
+                self.fmt, "double_quant", False) else "")
         g = "channel" if self.group_size is None else f"g{self.group_size}"
         return f"bits={self.bits}, {g}, {'sym' if self.sym else 'asym'}"
 
@@ -174,9 +166,10 @@ class QuantizedLinear(_PackedRows):
     """A Linear whose weight is stored packed (see the module docstring); forward == F.linear on the
     dequantized weight."""
 
-    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int | None = None,
-                 sym: bool = False, bias: bool = True, scale_dtype: torch.dtype = torch.float16, device=None):
-        super().__init__(out_features, in_features, bits, group_size, sym, scale_dtype, device)
+    def __init__(self, in_features: int, out_features: int, bits: int | None = None, group_size: int | None = None,
+                 sym: bool = False, bias: bool = True, scale_dtype: torch.dtype = torch.float16, device=None,
+                 fmt: StorageFormat | None = None):
+        super().__init__(out_features, in_features, bits, group_size, sym, scale_dtype, device, fmt)
         self.in_features, self.out_features = int(in_features), int(out_features)
         if bias:
             self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float32, device=device))
@@ -184,11 +177,11 @@ class QuantizedLinear(_PackedRows):
             self.register_buffer("bias", None)
 
     @classmethod
-    def from_weight(cls, qw: QuantizedWeight, bias: torch.Tensor | None = None,
+    def from_weight(cls, qw, bias: torch.Tensor | None = None,
                     scale_dtype: torch.dtype = torch.float16) -> "QuantizedLinear":
         out_f, in_f = qw.shape
-        m = cls(in_f, out_f, qw.grid.bits, qw.grid.group_size, cls._storage_sym(qw), bias is not None,
-                scale_dtype, device=qw.codes.device)
+        m = cls(in_f, out_f, bias=bias is not None, scale_dtype=scale_dtype, device=qw.codes.device,
+                fmt=format_of(qw))
         m._fill(qw)
         if bias is not None:
             if tuple(bias.shape) != (out_f,):
@@ -197,7 +190,7 @@ class QuantizedLinear(_PackedRows):
         return m
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, qw: QuantizedWeight,
+    def from_linear(cls, linear: nn.Linear, qw,
                     scale_dtype: torch.dtype = torch.float16) -> "QuantizedLinear":
         if tuple(qw.shape) != (linear.out_features, linear.in_features):
             raise QuantConfigError(f"quantized weight {qw.shape} does not fit {linear}")
@@ -216,32 +209,29 @@ class QuantizedEmbedding(_PackedRows):
 
     def __init__(self, num_embeddings: int, embedding_dim: int, bits: int = 8, group_size: int | None = None,
                  sym: bool = True, padding_idx: int | None = None, scale_dtype: torch.dtype = torch.float16,
-                 device=None, dtype: torch.dtype = torch.float32):
-        super().__init__(num_embeddings, embedding_dim, bits, group_size, sym, scale_dtype, device)
+                 device=None, dtype: torch.dtype = torch.float32, fmt: StorageFormat | None = None):
+        super().__init__(num_embeddings, embedding_dim, bits, group_size, sym, scale_dtype, device, fmt)
         self.num_embeddings, self.embedding_dim = int(num_embeddings), int(embedding_dim)
         self.padding_idx = padding_idx
         self.output_dtype = dtype  # follows model.half()/.float()/.to(dtype), see _apply
 
     @classmethod
-    def from_weight(cls, qw: QuantizedWeight, padding_idx: int | None = None,
+    def from_weight(cls, qw, padding_idx: int | None = None,
                     scale_dtype: torch.dtype = torch.float16, dtype: torch.dtype = torch.float32):
         v, d = qw.shape
-        m = cls(v, d, qw.grid.bits, qw.grid.group_size, cls._storage_sym(qw), padding_idx, scale_dtype,
-                device=qw.codes.device, dtype=dtype)
+        m = cls(v, d, padding_idx=padding_idx, scale_dtype=scale_dtype, device=qw.codes.device, dtype=dtype,
+                fmt=format_of(qw))
         m._fill(qw)
         return m
 
     @classmethod
-    def from_embedding(cls, emb: nn.Embedding, qw: QuantizedWeight, scale_dtype: torch.dtype = torch.float16):
+    def from_embedding(cls, emb: nn.Embedding, qw, scale_dtype: torch.dtype = torch.float16):
         if tuple(qw.shape) != tuple(emb.weight.shape):
             raise QuantConfigError(f"quantized weight {qw.shape} does not fit {emb}")
         return cls.from_weight(qw, emb.padding_idx, scale_dtype, dtype=emb.weight.dtype)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        flat = input_ids.reshape(-1)
-        z = None if self.weight_zero is None else self.weight_zero.index_select(0, flat)
-        rows = self._dequantize(self.weight_packed.index_select(0, flat), self.weight_scale.index_select(0, flat),
-                                z, self.output_dtype)
+        rows = self.fmt.select_rows(self._bufs(), input_ids.reshape(-1), self.cols, self.output_dtype)
         return rows.reshape(*input_ids.shape, self.cols)
 
     def _apply(self, fn, recurse=True):
