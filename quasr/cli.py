@@ -112,6 +112,8 @@ def eval_cmd(
     batch_size: int = typer.Option(8, help="Utterances per decoding batch"),
     runtime: Optional[str] = typer.Option(None, help="Transcribe in another runtime: whispercpp (a ggml file) or "
                                                      "ctranslate2 (a CTranslate2 directory); see quasr export"),
+    adapters: Optional[Path] = typer.Option(None, help="A directory of speaker adapters (quasr adapt): each "
+                                                       "utterance goes through its speaker's ('sat' for others)"),
     compute_type: str = typer.Option("default", help="ctranslate2: the compute type (default, int8, float32, ...)"),
     errors: int = typer.Option(0, "--errors", help="Also list the N most frequent rare-word errors "
                                                    "(reference word -> hypothesis)"),
@@ -142,7 +144,12 @@ def eval_cmd(
             asr = load_runtime(runtime, model, compute_type)
         else:
             asr = load_model(model)
-        results = evaluate(asr, sets, batch_size=batch_size, decoding=dec, progress=progress)
+        aset = None
+        if adapters is not None:
+            from quasr.adapt import AdapterSet
+
+            aset = AdapterSet(asr, adapters)
+        results = evaluate(asr, sets, batch_size=batch_size, decoding=dec, progress=progress, adapters=aset)
         where = f", {asr.family}" if runtime else ""
         print_tables(results, title=f"{asr.name} ({dec.label} decoding{where}, normalizer {NORMALIZER})")
         if errors:
@@ -261,6 +268,8 @@ def quantize_cmd(
     mse: bool = typer.Option(False, help="Search a clipped range per group (MSE)"),
     percdamp: float = typer.Option(0.01, help="GPTQ damping: this fraction of the mean Hessian diagonal is added to it"),
     embedding_bits: int = typer.Option(8, help="Bits of the tied token embedding / output head, per row; 0 keeps FP32"),
+    embedding_format: str = typer.Option("affine", help="The embedding's storage: affine (--embedding-bits per "
+                                                        "row) or nf4 (blocks of 64)"),
     layers: str = typer.Option("all", help="all | encoder | decoder"),
     target: Optional[str] = typer.Option(None, help=TARGET_HELP),
     encoder_frames: str = typer.Option("window", help="window (30 s, as at inference) | speech (cut after the audio)"),
@@ -279,6 +288,9 @@ def quantize_cmd(
     pool: str = typer.Option("random", help=POOL_HELP),
     seed: int = typer.Option(0, help="Seed of the calibration sample"),
     out: Path = typer.Option(..., "--out", "-o", help="Checkpoint directory to write"),
+    fp_dtype: str = typer.Option("float32", help="On-disk dtype of the tensors that stay full precision (conv, "
+                                                  "norms, positions): float32 or float16 (lossless for the "
+                                                  "bundled models, whose originals are float16)"),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable calibration items (listed)"),
     progress: bool = typer.Option(True, help="Show progress bars"),
 ):
@@ -297,6 +309,7 @@ def quantize_cmd(
         from quasr.models import load_model
         from quasr.models.whisper import quiet_transformers
         from quasr.progress import console
+        from quasr.quant.grid import QuantConfigError
         from quasr.quantize import quantize_
 
         opts = {k: v for k, v in dict(tail_cost=tail_cost, tail_zipf=tail_zipf, tail_lang=tail_lang,
@@ -306,7 +319,11 @@ def quantize_cmd(
         cfg = _quant_config(method, grid.pop("bits"), grid.pop("group_size"), alpha, grid.pop("embedding_bits"),
                             n_calib, mse=mse, act_order=act_order, layers=layers, percdamp=percdamp,
                             encoder_frames=encoder_frames, pad_stride=pad_stride, pad_weight=pad_weight,
-                            variant=variant, options=opts, **grid)
+                            variant=variant, options=opts, embedding_format=embedding_format, **grid)
+        import torch
+
+        if fp_dtype not in ("float32", "float16"):
+            raise QuantConfigError(f"must be float32 or float16, got {fp_dtype!r}", option="fp_dtype")
         checkpoint.check_target(out, "--out")
         quiet_transformers()
         utts = _calibration(calib, n_calib, seed, skip_bad, pool) if get_method(method).needs_calibration else []
@@ -317,7 +334,7 @@ def quantize_cmd(
         asr.recipe.update(model=asr.name, spec=model, calib=calib if utts else None, seed=seed if utts else None,
                           pool=pool if utts else None, quant_seconds=round(report.seconds, 2),
                           peak_rss_mb=round(peak_mb))
-        checkpoint.save(asr, out, asr.recipe | {"layers_report": report.layers})
+        checkpoint.save(asr, out, asr.recipe | {"layers_report": report.layers}, fp_dtype=getattr(torch, fp_dtype))
         i = checkpoint.info(out)
         console.print(f"quantized {len(report.layers)} layers in {report.seconds:.1f} s; wrote {out} "
                       f"({i['dir_mb']:.1f} MB, {i['bits_per_weight']:.2f} bits per Linear weight)")
@@ -536,6 +553,121 @@ def plot_cmd(path: Path = typer.Argument(..., help="Checkpoint directory"),
             raise UsageError(f"{path}: its recipe has no per-layer diagnostics (a calibrated method writes them)")
         plot(rows, out, f"{Path(path).name}: {recipe.get('method')} W{recipe.get('bits')}")
         console.print(f"wrote {out}")
+    except QuasrError as e:
+        _fail(e)
+
+
+adapt_app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                        help="Speaker adaptation: LoRA adapters over a frozen (NF4 or full-precision) base.")
+app.add_typer(adapt_app, name="adapt")
+
+
+def _adapt_data(data: list[str], speakers: Optional[str], limit: Optional[int], min_utts: int = 2):
+    """The adaptation utterances of the chosen speakers (all with a speaker label when none are named)."""
+    from quasr.adapt import AdapterError
+
+    utts = [u for ds in _load_sets(data, None, False) for u in ds]
+    wanted = [s.strip() for s in speakers.split(",")] if speakers else None
+    if wanted:
+        known = {u.speaker for u in utts}
+        missing = [s for s in wanted if s not in known]
+        if missing:
+            raise AdapterError(f"--speakers: no utterances of {', '.join(missing)} in {', '.join(data)} (speakers "
+                               f"there: {', '.join(sorted(k for k in known if k))})")
+        utts = [u for u in utts if u.speaker in wanted]
+    if limit is not None:
+        if limit <= 0:
+            raise AdapterError(f"--limit must be positive, got {limit}")
+        from quasr.data import spread
+
+        utts = [utts[i] for i in spread(len(utts), limit)]
+    if len(utts) < min_utts:
+        raise AdapterError(f"{len(utts)} adaptation utterance(s) in {', '.join(data)}"
+                           + (f" for {speakers}" if speakers else "") + f"; need at least {min_utts}")
+    return utts
+
+
+def _adapt_run(base: str, utts, out: Path, rank: Optional[int], share: float, init: Optional[Path], speaker,
+               epochs: int, lr: float, batch_size: int, seed: int, progress: bool):
+    from quasr import adapt
+    from quasr.models import load_model
+    from quasr.models.whisper import quiet_transformers
+    from quasr.progress import console
+    from quasr.results import check_writable
+
+    cfg = adapt.TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed)
+    cfg.check()
+    check_writable(out, "--out", kind="dir")
+    if out.exists() and (out / adapt.META).exists():
+        raise adapt.AdapterError(f"--out {out}: already holds a finished adapter")
+    quiet_transformers()
+    asr = load_model(base)
+    fp = adapt.fingerprint(asr)
+    targets = adapt.TARGETS
+    if init is not None:
+        meta0 = adapt.read_meta(init)
+        if meta0.get("fingerprint") != fp:
+            raise adapt.AdapterError(f"--init {init}: trained on another base than {base}")
+        rank, targets = meta0["rank"], tuple(meta0["targets"])
+    rank = rank or adapt.rank_for(asr, share, targets)
+    pm = adapt.attach(asr, rank, targets, seed=seed)
+    if init is not None:
+        adapt._load_adapter_weights(pm, init)
+    n_base = adapt.base_parameters(asr)
+    n_adapter = sum(p.numel() for n, p in pm.named_parameters() if p.requires_grad)
+    meta = {"fingerprint": fp, "base": base, "speaker": speaker, "rank": rank, "targets": list(targets),
+            "init": str(init) if init else None, "adapter_parameters": n_adapter, "base_parameters": n_base,
+            "share": round(n_adapter / n_base, 5), "utterances": [u.id for u in utts]}
+    console.print(f"adapter rank {rank}: {n_adapter:,} parameters, {100 * n_adapter / n_base:.2f}% of the base's "
+                  f"{n_base:,}; {len(utts)} utterances")
+    meta = adapt.train(asr, pm, utts, out, cfg, meta, progress)
+    console.print(f"wrote {out} ({meta['seconds']:.0f} s; loss by epoch: "
+                  + ", ".join(f"{h['loss']:.3f}" for h in meta["history"]) + ")")
+
+
+@adapt_app.command("sat")
+def adapt_sat(
+    base: str = typer.Option(..., help="The base: a quasr checkpoint (e.g. --method nf4) or a model spec"),
+    data: list[str] = typer.Option(..., "--data", "-d", help="Adaptation speech (repeatable; see quasr eval)"),
+    speakers: Optional[str] = typer.Option(None, help="The training speakers, comma-separated (default: all)"),
+    out: Path = typer.Option(..., "--out", "-o", help="Adapter directory (peft format + quasr_adapter.json)"),
+    rank: Optional[int] = typer.Option(None, help="LoRA rank (default: about --share of the base's parameters)"),
+    share: float = typer.Option(0.01, help="The adapter's size as a share of the base's parameters"),
+    epochs: int = typer.Option(2, help="Passes over the data"),
+    lr: float = typer.Option(5e-4, help="AdamW learning rate"),
+    batch_size: int = typer.Option(4, help="Utterances per step"),
+    limit: Optional[int] = typer.Option(None, "--limit", "-n", help="Keep N utterances, spread evenly"),
+    seed: int = typer.Option(0, help="Seed of the initialization and the data order"),
+    progress: bool = typer.Option(True, help="Show progress bars"),
+):
+    """Speaker adaptive training: one shared adapter on the training speakers (resumes a killed run)."""
+    try:
+        _adapt_run(base, _adapt_data(data, speakers, limit), out, rank, share, None, None, epochs, lr, batch_size,
+                   seed, progress)
+    except QuasrError as e:
+        _fail(e)
+
+
+@adapt_app.command("speaker")
+def adapt_speaker(
+    base: str = typer.Option(..., help="The base the SAT adapter was trained on"),
+    init: Optional[Path] = typer.Option(None, help="Start from this adapter (the SAT adapter); default: a new one"),
+    speaker: str = typer.Option(..., help="The speaker to adapt to"),
+    data: list[str] = typer.Option(..., "--data", "-d", help="Adaptation speech holding the speaker's utterances"),
+    out: Path = typer.Option(..., "--out", "-o", help="Adapter directory"),
+    rank: Optional[int] = typer.Option(None, help="LoRA rank without --init (default: about --share of the base)"),
+    share: float = typer.Option(0.01, help="The adapter's size as a share of the base's parameters"),
+    epochs: int = typer.Option(3, help="Passes over the speaker's data"),
+    lr: float = typer.Option(5e-4, help="AdamW learning rate"),
+    batch_size: int = typer.Option(4, help="Utterances per step"),
+    limit: Optional[int] = typer.Option(None, "--limit", "-n", help="Keep N of the speaker's utterances"),
+    seed: int = typer.Option(0, help="Seed of the data order"),
+    progress: bool = typer.Option(True, help="Show progress bars"),
+):
+    """One speaker's adapter, trained on that speaker's adaptation utterances (resumes a killed run)."""
+    try:
+        _adapt_run(base, _adapt_data(data, speaker, limit), out, rank, share, init, speaker, epochs, lr,
+                   batch_size, seed, progress)
     except QuasrError as e:
         _fail(e)
 

@@ -61,14 +61,18 @@ def score_set(data: Dataset, hyps: list, seconds: float = 0.0, decoding: str | N
 
 
 def evaluate(model: AsrModel, sets: list[Dataset], batch_size: int = 8, decoding: Decoding | None = None,
-             progress: bool = True) -> list[SetResult]:
-    """Transcribe each set with the decoding policy (default: standard) and score it."""
+             progress: bool = True, adapters=None) -> list[SetResult]:
+    """Transcribe each set with the decoding policy (default: standard) and score it; with `adapters`
+    (quasr.adapt.AdapterSet) each utterance is transcribed with its speaker's adapter."""
     decoding = decoding or Decoding()
     results = []
     for data in sets:
         t0 = time.perf_counter()
-        hyps = model.transcribe_detailed([u.audio for u in data.utterances], batch_size=batch_size,
-                                         decoding=decoding, progress=progress, desc=data.name)
+        if adapters is not None:
+            hyps = adapters.transcribe(data.utterances, batch_size, decoding, progress, data.name)
+        else:
+            hyps = model.transcribe_detailed([u.audio for u in data.utterances], batch_size=batch_size,
+                                             decoding=decoding, progress=progress, desc=data.name)
         results.append(score_set(data, hyps, time.perf_counter() - t0, decoding.label))
     return results
 

@@ -62,6 +62,8 @@ class QuantConfig:
     embedding_bits: int | None = 8       # tied token embedding / output head; None keeps it FP
     embedding_group_size: int | None = None  # the embedding's groups (None: one per row)
     embedding_sym: bool = True
+    embedding_format: str = "affine"         # affine (embedding_bits, groups) | nf4 (blocks of embedding_group_size
+    #                                          or 64)
     layers: str = "all"                  # all | encoder | decoder
     true_sequential: bool = True
     encoder_frames: str = "window"       # window (full 30 s, as at inference) | speech (cut after the audio)
@@ -97,6 +99,8 @@ class QuantConfig:
                                                 or not 2 <= self.embedding_bits <= 8):
             bad("embedding_bits", f"embedding bits must be between 2 and 8 (None keeps the embedding in full "
                                   f"precision), got {self.embedding_bits}")
+        if self.embedding_format not in ("affine", "nf4"):
+            bad("embedding_format", f"the embedding's format must be affine or nf4, got {self.embedding_format!r}")
         if self.embedding_group_size is not None and (not isinstance(self.embedding_group_size, int)
                                                       or self.embedding_group_size <= 0):
             bad("embedding_group_size", f"the embedding's group size must be a positive number of columns (None: "
@@ -310,12 +314,18 @@ def quantize_(asr, cfg: QuantConfig, calib=(), progress: bool = True, on_layer=N
     if cfg.embedding_bits:
         name = "model.decoder.embed_tokens"
         check_finite(fp_embed, name)
-        qe = rtn(fp_embed, QuantGrid(cfg.embedding_bits, cfg.embedding_group_size, cfg.embedding_sym), name)
+        if cfg.embedding_format == "nf4":
+            from quasr.quant.formats import nf4_quantize
+
+            qe = nf4_quantize(fp_embed, cfg.embedding_group_size or 64, name=name)
+        else:
+            qe = rtn(fp_embed, QuantGrid(cfg.embedding_bits, cfg.embedding_group_size, cfg.embedding_sym), name)
         with torch.no_grad():
             embed.weight.copy_(qe.dequantize())  # tied: the output head sees the quantized rows too
         quantized[name] = qe
         report.layers.append({"name": name, "shape": list(fp_embed.shape), "bits": cfg.embedding_bits,
-                              "group_size": cfg.embedding_group_size, "method": "rtn", "seconds": 0.0})
+                              "group_size": cfg.embedding_group_size, "format": cfg.embedding_format,
+                              "method": "rtn", "seconds": 0.0})
 
     n_linears = sum(len(g) for b in blocks for g in b.groups)
     with progress_bar(progress) as bar:

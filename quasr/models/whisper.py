@@ -154,6 +154,33 @@ class WhisperAsr(AsrModel):
     def _window_frames(self) -> int:
         return self.processor.feature_extractor.nb_max_frames
 
+    def training_batch(self, utts, decoding: Decoding | None = None) -> dict:
+        """A teacher-forced batch for fine-tuning (adapters): the features the decoding policy transcribes with,
+        decoder inputs <|startoftranscript|> [language, task] <|notimestamps|> text, and labels shifted by one with
+        the prompt and padding masked (-100), so the loss covers the text tokens and <|endoftext|>."""
+        from quasr.errors import DataError
+
+        decoding = decoding or Decoding()
+        tok = self.processor.tokenizer
+        prompt = self.calibration("speech").prompt_ids()
+        eot, limit = self.model.config.eos_token_id, self.model.config.max_target_positions
+        seqs = []
+        for u in utts:
+            if len(u.audio) > WINDOW_SECONDS * SAMPLE_RATE:
+                raise DataError(f"training utterance {u.id}: longer than {WINDOW_SECONDS:.0f} s")
+            ids = prompt + tok(" " + u.text.strip(), add_special_tokens=False).input_ids + [eot]
+            if len(ids) > limit:
+                raise DataError(f"training utterance {u.id}: {len(ids)} tokens exceed the decoder's {limit}")
+            seqs.append(ids)
+        n = max(len(s) for s in seqs) - 1
+        inputs = torch.full((len(seqs), n), eot, dtype=torch.long)
+        labels = torch.full((len(seqs), n), -100, dtype=torch.long)
+        for i, ids in enumerate(seqs):
+            inputs[i, :len(ids) - 1] = torch.tensor(ids[:-1])
+            labels[i, len(prompt) - 1:len(ids) - 1] = torch.tensor(ids[len(prompt):])
+        return {"input_features": self._features([u.audio for u in utts], decoding), "decoder_input_ids": inputs,
+                "labels": labels}
+
 
 class FallbackLog:
     """Records, per input of one `generate` call, transformers' temperature-fallback decisions, and makes two of

@@ -73,6 +73,19 @@ class _PackedRows(nn.Module):
     def n_groups(self) -> int:
         return 1 if self.group_size is None else self.cols // self.group_size
 
+    # what peft looks for on a quantized layer it wraps with LoRA (its device, and the layer's widths)
+    @property
+    def qweight(self) -> torch.Tensor:
+        return self.weight_packed
+
+    @property
+    def input_size(self) -> int:
+        return self.cols
+
+    @property
+    def output_size(self) -> int:
+        return self.rows
+
     @property
     def grid(self) -> QuantGrid:
         if not isinstance(self.fmt, Affine):
