@@ -319,6 +319,65 @@ def swing(path: Path, decoding: str | None = None) -> str:
                       commands(d), "", md(rows, header)])
 
 
+PQM_COLUMNS = ("fp", "nf4", "nf4+sat", "nf4+speaker-lora", "fp+speaker-lora")
+
+
+def pqm(path: Path, decoding: str | None = None, resamples: int = 10_000) -> str:
+    """Per model: WER of each test speaker under each setting, the mean over speakers, its relative change
+    against full precision (stratified bootstrap over each speaker's utterances), sizes and adaptation time;
+    then the asterisk speaker's WER against the number of its adaptation utterances."""
+    from quasr.stats import speaker_mean_relative
+
+    d = json.loads(path.read_text())
+    recs = one_decoding([r for r in d["records"] if r["speaker"] is None], path, decoding)
+    out = [f"Decoding: {next(iter({str(r.get('decoding')) for r in recs}), None)}; normalizer: {d['normalizer']}. "
+           "Commands:", "", commands(d), ""]
+    for model in dict.fromkeys(r["model"] for r in recs):
+        main = [r for r in recs if r["model"] == model and r.get("adapter") != "curve"]
+        cell = {(r["method"], r["data"].removeprefix("test:")): r for r in main}
+        speakers = list(dict.fromkeys(r["data"].removeprefix("test:") for r in main))
+        rows = [[s] + [cell[(m, s)]["wer"] if (m, s) in cell else None for m in PQM_COLUMNS] for s in speakers]
+        mean = ["mean over speakers"]
+        for m in PQM_COLUMNS:
+            vals = [cell[(m, s)]["wer"] for s in speakers if (m, s) in cell]
+            mean.append(sum(vals) / len(vals) if len(vals) == len(speakers) else None)
+        rows.append(mean)
+        rel = ["change vs fp (95% CI)"]
+        for m in PQM_COLUMNS:
+            if m == "fp" or not all((m, s) in cell and ("fp", s) in cell for s in speakers):
+                rel.append(None)
+                continue
+            ea, eb, n, g = [], [], [], []
+            for s in speakers:
+                ua, ub = utterance_errors(path.parent, cell[(m, s)]), utterance_errors(path.parent, cell[("fp", s)])
+                for i in ub:
+                    ea.append(ua[i][0])
+                    eb.append(ub[i][0])
+                    n.append(ub[i][1])
+                    g.append(s)
+            ci = speaker_mean_relative(ea, eb, n, g, resamples=min(resamples, 2000))
+            rel.append(f"{ci.diff:+.1f}% [{ci.lo:+.1f}, {ci.hi:+.1f}]" + (" †" if ci.excludes_zero else ""))
+        rows.append(rel)
+        out += [f"**{model}** (WER %):", "", md(rows, ["test speaker", *PQM_COLUMNS]), ""]
+        info = []
+        for m in PQM_COLUMNS:
+            rs = [r for r in main if r["method"] == m]
+            if not rs:
+                continue
+            share = next((r.get("adapter_share") for r in rs if r.get("adapter_share")), None)
+            mins = [r["adapt_minutes"] for r in rs if r.get("adapt_minutes") is not None]
+            info.append([m, rs[0].get("size_mb"), None if share is None else f"{100 * share:.2f}%",
+                         f"{sum(mins) / len(mins):.1f}" if mins else None])
+        out += [md(info, ["setting", "base MB", "adapter / base parameters", "minutes to adapt a speaker"]), ""]
+        curve = sorted((r for r in recs if r["model"] == model and r.get("adapter") == "curve"),
+                       key=lambda r: r.get("n_adapt") or 0)
+        if curve:
+            out += ["Asterisk speaker, NF4 + speaker LoRA, by adaptation utterances (WER %):", "",
+                    md([[r.get("n_adapt"), r["wer"], r.get("adapt_minutes")] for r in curve],
+                       ["utterances", "WER", "minutes"]), ""]
+    return "\n".join(out)
+
+
 def label_of(k: dict) -> str:
     label = k["method"] + (f" α={k['alpha']}" if k.get("alpha") is not None else "")
     if k.get("runtime"):
@@ -352,7 +411,8 @@ def commands(d: dict) -> str:
 TITLES = {"baseline": "Full precision", "ptq": "Weight-only post-training quantization",
           "fade": "FADE: per-layer compensation strength", "fade-select": "FADE: choosing the defaults on calib-dev",
           "tarq": "TARQ: tail-aware calibration", "tarq-swing": "TARQ: the calibration swing",
-          "deploy": "In the runtimes: whisper.cpp and faster-whisper"}
+          "deploy": "In the runtimes: whisper.cpp and faster-whisper",
+          "pqm": "PQM: NF4 base with per-speaker LoRA adapters"}
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 DEFAULT = ["baseline", "ptq"]
 
@@ -370,6 +430,8 @@ def report(names: list[str], required: bool = True, decoding: str | None = None,
                 body = baseline(path, decoding)
             elif name.startswith("tarq-swing"):
                 body = swing(path, decoding)
+            elif name.startswith("pqm"):
+                body = pqm(path, decoding, resamples)
             else:
                 body = ptq(path, decoding, resamples)
             out += [f"### {title}: `bench/results/{name}.json`", "", body, ""]

@@ -121,8 +121,8 @@ def fingerprint(asr) -> str:
     if manifest:
         return "ckpt:" + manifest["files"]["model.safetensors"]["sha256"]
     h = hashlib.sha256()
-    for k, t in sorted(asr.model.state_dict().items()):
-        if "lora_" in k:
+    for k, t in sorted((k.replace(".base_layer.", "."), t) for k, t in asr.model.state_dict().items()):
+        if "lora_" in k:  # the same with or without adapters attached
             continue
         h.update(k.encode())
         h.update(t.detach().cpu().contiguous().numpy().tobytes()[:4096])

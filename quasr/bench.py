@@ -22,7 +22,7 @@ from quasr.results import ResultsFile, atomic_write_text, record
 _SETS: dict[tuple[str, int | None], Dataset] = {}
 
 
-def dataset(spec: str, limit: int | None) -> Dataset:
+def _dataset(spec: str, limit: int | None) -> Dataset:
     """Load a speech set once per process (benchmarks evaluate many models on the same sets)."""
     if (spec, limit) not in _SETS:
         _SETS[spec, limit] = load_source(spec, limit=limit)
@@ -45,14 +45,14 @@ TRANSCRIPT_KEYS = ("id", "speaker", "ref", "hyp", "errors", "n_ref", "rare_words
 
 def eval_cell(results: ResultsFile, model: AsrModel, data: str, limit: int | None, recipe: dict,
               extra: dict | None = None, progress: bool = True, decoding: Decoding | None = None,
-              batch_size: int = 8) -> list[dict] | None:
+              batch_size: int = 8, dataset: Dataset | None = None) -> list[dict] | None:
     """Evaluate one (recipe, data) cell with a decoding policy (default standard) unless it is already in
-    `results`; returns its new records."""
+    `results`; returns its new records. `dataset` gives the utterances directly (named `data`)."""
     decoding = decoding or Decoding()
     recipe = dict(recipe, decoding=decoding.label)
     if results.done(record(**recipe, data=data, speaker=None)):
         return None
-    ds = dataset(data, limit)
+    ds = dataset if dataset is not None else _dataset(data, limit)
     load_before = os.getloadavg()[0]
     [res] = evaluate(model, [ds], batch_size=batch_size, decoding=decoding, progress=progress)
     # other work on the machine slows transcription: the 1-minute load average is kept beside the timing
@@ -235,6 +235,8 @@ def measure(results: ResultsFile, cell: Cell, data, decoding: Decoding, batch_si
     for d, n in todo:
         eval_cell(results, asr, d, n, keys, extra=extra, decoding=decoding, batch_size=batch_size)
 
+
+dataset = _dataset  # the name other scripts import
 
 __all__ = ["Cell", "OPTION_KEYS", "SetResult", "dataset", "eval_cell", "measure", "measure_fp", "parse_data",
            "print_records", "reuse"]

@@ -99,3 +99,30 @@ def align_utterances(a: dict[str, float], b: dict[str, float], what: str = "") -
 
 __all__ = ["DEFAULT_RESAMPLES", "Interval", "StatsError", "align_utterances", "better_worse", "mean_std",
            "paired_bootstrap"]
+
+
+def speaker_mean_relative(errors_a: Sequence[float], errors_b: Sequence[float], n_ref: Sequence[int],
+                          groups: Sequence[str], resamples: int = DEFAULT_RESAMPLES, seed: int = 0,
+                          level: float = 0.95) -> Interval:
+    """Relative change (%) of the mean over groups (speakers) of the per-group WER, a against b:
+    100 · (mean_g WER_a(g) − mean_g WER_b(g)) / mean_g WER_b(g), with a bootstrap interval that resamples
+    utterances within each group (the groups stay as they are)."""
+    if not isinstance(resamples, int) or resamples <= 0:
+        raise StatsError(f"the bootstrap needs a positive number of resamples, got {resamples!r}")
+    a, b, n = (np.asarray(x, dtype=np.float64) for x in (errors_a, errors_b, n_ref))
+    names = sorted(set(groups))
+    idx = {g: np.array([i for i, x in enumerate(groups) if x == g]) for g in names}
+
+    def rel(sel: dict) -> float:
+        wa = [a[s].sum() / max(n[s].sum(), 1) for s in sel.values()]
+        wb = [b[s].sum() / max(n[s].sum(), 1) for s in sel.values()]
+        mb = float(np.mean(wb))
+        return 100 * (float(np.mean(wa)) - mb) / mb if mb > 0 else float("nan")
+
+    point = rel(idx)
+    rng = np.random.default_rng(seed)
+    vals = np.array([rel({g: ix[rng.integers(0, len(ix), len(ix))] for g, ix in idx.items()})
+                     for _ in range(resamples)])
+    tail = (1 - level) / 2 * 100
+    lo, hi = np.nanpercentile(vals, [tail, 100 - tail])
+    return Interval(point, float(lo), float(hi), len(a), resamples)

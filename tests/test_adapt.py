@@ -128,3 +128,12 @@ def test_cli_names_bad_adaptation_input(nf4, tmp_path):
     r = run("sat", "--base", str(nf4), "--data", "tts:calib", "--epochs", "0", "--out", str(tmp_path / "x"))
     assert r.returncode == 2 and "--epochs must be a positive" in r.stdout + r.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_a_full_precision_base_keeps_its_fingerprint_with_adapters_attached():
+    from quasr.models import load_model
+
+    asr = load_model("whisper-tiny.en")
+    before = adapt.fingerprint(asr)
+    adapt.attach(asr, 2)
+    assert adapt.fingerprint(asr) == before and before.startswith("fp:")

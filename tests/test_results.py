@@ -226,3 +226,15 @@ def test_eval_cell_writes_records_and_transcripts_and_skips_done_cells(tmp_path,
                      progress=False) is None and Fake.calls == 1
     assert eval_cell(results, Fake(), str(manifest), None, recipe, decoding=parse_decoding("greedy"),
                      progress=False) is not None  # another decoding is another cell
+
+
+def test_speaker_mean_relative_change():
+    from quasr.stats import speaker_mean_relative
+
+    # speaker s1: 10% -> 5%, speaker s2: 20% -> 10%: the mean over speakers halves (-50 %), whatever the sizes
+    ea = [1] * 5 + [0] * 5 + [2] * 10
+    eb = [1] * 10 + [4] * 10
+    n = [10] * 20
+    g = ["s1"] * 10 + ["s2"] * 10
+    ci = speaker_mean_relative(ea, eb, n, g, resamples=500)
+    assert ci.diff == pytest.approx(-50.0) and ci.lo < -50 < ci.hi and ci.excludes_zero
