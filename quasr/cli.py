@@ -183,7 +183,15 @@ def _calibration(calib: list[str], n_calib: int, seed: int, skip_bad: bool, pool
     if n_calib > len(utts):
         raise QuantConfigError(f"asked for {n_calib} calibration utterances but {', '.join(calib)} has only "
                                f"{len(utts)}; lower --n-calib or add --calib sources")
-    return choose(utts, n_calib, seed, pool)
+    from quasr.models.whisper import WINDOW_SECONDS
+    from quasr.progress import console
+
+    rejected: list[str] = []
+    out = choose(utts, n_calib, seed, pool, max_seconds=WINDOW_SECONDS, rejected=rejected)
+    if rejected:
+        console.print(f"calibration: redrew {len(rejected)} utterance(s) longer than the {WINDOW_SECONDS:.0f} s "
+                      f"window: {', '.join(rejected)}")
+    return out
 
 
 def _known_methods() -> set[str]:

@@ -112,3 +112,26 @@ def test_pools_choose_by_rare_word_density():
     assert choose(pool, 3, 1, "random") == choose(pool, 3, 1, "random")
     with pytest.raises(Exception, match="unknown calibration pool"):
         choose(pool, 2, 0, "best")
+
+
+def test_pools_redraw_utterances_longer_than_the_window():
+    import random
+
+    from quasr.data.pools import choose
+
+    sr = 16000
+    pool = [Utterance(f"u{i:02d}", np.zeros(sr * (31 if i in (3, 7) else 1), np.float32), "a b", None)
+            for i in range(20)]
+    for seed in range(30):
+        plain = sorted(random.Random(seed).sample(pool, 6), key=lambda u: u.id)
+        rejected = []
+        got = choose(pool, 6, seed, max_seconds=30.0, rejected=rejected)
+        assert len(got) == 6 and len({u.id for u in got}) == 6
+        assert all(u.seconds <= 30 for u in got)
+        if any(u.id in ("u03", "u07") for u in plain):
+            assert {u.id for u in plain} & {"u03", "u07"} <= set(rejected) <= {"u03", "u07"}
+            assert {u.id for u in plain} - {"u03", "u07"} <= {u.id for u in got}  # the fitting draws are kept
+        else:  # a draw with nothing too long is exactly the seed's old draw
+            assert got == plain and rejected == []
+    with pytest.raises(Exception, match="only 18 no longer than 30 s"):
+        choose(pool, 19, 0, max_seconds=30.0)
