@@ -34,8 +34,8 @@ import torch
 from quasr.errors import ModelError
 from quasr.quant.formats import format_from_entry
 from quasr.quant.grid import QuantConfigError
-from quasr.quant.modules import (QuantizedEmbedding, QuantizedLinear, TiedQuantizedHead, module_name,
-                                 quantized_modules, replace_module)
+from quasr.quant.modules import (QuantizedEmbedding, QuantizedInput, QuantizedLinear, TiedQuantizedHead,
+                                 module_name, quantized_modules, replace_module)
 
 FORMAT = "quasr-checkpoint"
 FORMAT_VERSION = 1
@@ -128,8 +128,12 @@ def _module_entry(model, name: str, m) -> dict:
     scale = getattr(m, "weight_scale", None)
     scale_dtype = {"scale_dtype": _dtype_name(scale.dtype)} if scale is not None else {}
     if isinstance(m, QuantizedLinear):
+        act = {"act_bits": m.act_bits, "act_mode": m.act_mode} if m.act_bits else {}
         return {"kind": "linear", "shape": [m.out_features, m.in_features], **m.fmt.entry(),
-                "bias": m.bias is not None, **scale_dtype}
+                "bias": m.bias is not None, **scale_dtype, **act}
+    if isinstance(m, QuantizedInput):
+        return {"kind": "input_quant", "act_bits": m.act_bits, "act_mode": m.act_mode, "inner": type(m.inner).__name__,
+                "shape": list(getattr(m.inner, "weight").shape)}
     if isinstance(m, QuantizedEmbedding):
         return {"kind": "embedding", "shape": [m.num_embeddings, m.embedding_dim], **m.fmt.entry(),
                 "padding_idx": m.padding_idx, **scale_dtype}
@@ -147,8 +151,11 @@ def _new_module(name: str, spec: dict, modules: dict[str, torch.nn.Module], devi
     try:
         if kind == "linear":
             out_f, in_f = spec["shape"]
-            return QuantizedLinear(in_f, out_f, bias=spec["bias"], scale_dtype=_DTYPES[spec.get("scale_dtype", "float16")],
-                                   device=device, fmt=format_from_entry(spec))
+            m = QuantizedLinear(in_f, out_f, bias=spec["bias"], scale_dtype=_DTYPES[spec.get("scale_dtype", "float16")],
+                                device=device, fmt=format_from_entry(spec))
+            if spec.get("act_bits"):
+                m.set_input_quant(spec["act_bits"], spec.get("act_mode", "static"))
+            return m
         if kind == "embedding":
             v, d = spec["shape"]
             return QuantizedEmbedding(v, d, padding_idx=spec.get("padding_idx"),
@@ -196,7 +203,8 @@ def _check_replaceable(out_dir: Path) -> None:
 
 def _collect_tensors(model, fp_dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict[str, str], set[str]]:
     """(tensors to store, aliases {name: stored name} for tied tensors, names of quantized-module tensors)."""
-    quant_prefixes = [name + "." for name, m in quantized_modules(model) if not isinstance(m, TiedQuantizedHead)]
+    quant_prefixes = [name + "." for name, m in quantized_modules(model)
+                      if not isinstance(m, (TiedQuantizedHead, QuantizedInput))]
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     seen: dict[int, str] = {}
@@ -366,6 +374,14 @@ def _build_model(path: Path, manifest: dict):
     order = {"embedding": 0, "tied_head": 1, "linear": 2}
     entries = sorted(manifest["modules"].items(), key=lambda kv: order.get(kv[1].get("kind"), 3))
     for name, spec in entries:
+        if spec.get("kind") == "input_quant":  # wraps the module the config built
+            try:
+                inner = model.get_submodule(name)
+            except AttributeError:
+                raise CheckpointError(f"{path / MANIFEST}: module {name!r} does not exist in a Whisper model of this "
+                                      f"config") from None
+            replace_module(model, name, QuantizedInput(inner, spec["act_bits"], spec.get("act_mode", "static")))
+            continue
         new = _new_module(name, spec, created, device="meta")
         try:
             old = replace_module(model, name, new)
@@ -520,4 +536,20 @@ def info(path: str | Path) -> dict:
         out[kind] = g
     out["n_quantized_linear"] = groups["linear"]["modules"]
     out["bits_per_weight"] = groups["linear"]["bits_per_weight"]
+    out["activations"] = _activation_scales(f, manifest) if f.exists() else {}
     return out
+
+
+def _activation_scales(weights: Path, manifest: dict) -> dict[str, dict]:
+    """{module: {bits, mode, scale}} of every quantized input (static scales read from the weights file)."""
+    from safetensors import safe_open
+
+    acts = {n: {"bits": s["act_bits"], "mode": s.get("act_mode", "static")}
+            for n, s in manifest["modules"].items() if s.get("act_bits")}
+    if acts:
+        with safe_open(str(weights), framework="pt") as fh:
+            keys = set(fh.keys())
+            for n, a in acts.items():
+                key = f"{n}.input_scale"
+                a["scale"] = float(fh.get_tensor(key).reshape(-1)[0]) if a["mode"] == "static" and key in keys else None
+    return acts

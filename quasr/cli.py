@@ -115,6 +115,8 @@ def eval_cmd(
     adapters: Optional[Path] = typer.Option(None, help="A directory of speaker adapters (quasr adapt): each "
                                                        "utterance goes through its speaker's ('sat' for others)"),
     compute_type: str = typer.Option("default", help="ctranslate2: the compute type (default, int8, float32, ...)"),
+    int8: bool = typer.Option(False, "--int8", help="A W8A8 checkpoint (8-bit per-row weights, static 8-bit inputs): "
+                                                    "run its Linears as int8 matrix products"),
     errors: int = typer.Option(0, "--errors", help="Also list the N most frequent rare-word errors "
                                                    "(reference word -> hypothesis)"),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable items (counted, reported)"),
@@ -144,6 +146,19 @@ def eval_cmd(
             asr = load_runtime(runtime, model, compute_type)
         else:
             asr = load_model(model)
+        if int8:
+            from quasr.errors import UsageError
+            from quasr.quant.modules import QuantizedLinear
+
+            ready = [m for m in asr.model.modules() if isinstance(m, QuantizedLinear) and m.int8_ready()]
+            if not ready:
+                raise UsageError(f"--int8: {model} has no layer with 8-bit per-row weights and static 8-bit inputs "
+                                 f"(quantize with --bits 8 --group-size 0 --sym --act-bits 8)")
+            for m in ready:
+                m.int8 = True
+            from quasr.progress import console
+
+            console.print(f"--int8: {len(ready)} Linears run as int8 matrix products")
         aset = None
         if adapters is not None:
             from quasr.adapt import AdapterSet
@@ -291,6 +306,17 @@ def quantize_cmd(
     tail_lang: Optional[str] = typer.Option(None, help="tarq: wordfreq language of the transcripts (default en)"),
     double_quant: Optional[bool] = typer.Option(None, "--double-quant/--no-double-quant",
                                                 help="nf4: store the block absmax constants in 8 bits"),
+    act_bits: Optional[int] = typer.Option(None, help="Also quantize every Linear's and the conv stem's input: 8 "
+                                                      "or 4 bits (W8A8, W4A8, W4A4, W8A4)"),
+    act_mode: str = typer.Option("static", help="Activation scales: static (calibrated, one a tensor) or dynamic "
+                                                "(per token)"),
+    act_calibrator: str = typer.Option("mse", help="Static activation scales: max | percentile | mse | entropy | "
+                                                   "output-mse | esc (CMA-ES over all scales)"),
+    esc_budget: int = typer.Option(100, help="esc: fitness evaluations"),
+    esc_population: Optional[int] = typer.Option(None, help="esc: CMA-ES population (default 4 + 3 ln n)"),
+    esc_subset: int = typer.Option(16, help="esc: held-in calibration utterances the fitness is computed on"),
+    esc_seed: int = typer.Option(0, help="esc: seed of the search"),
+    esc_fitness: str = typer.Option("ce", help="esc: ce (teacher-forced cross-entropy) or wer"),
     calib: list[str] = typer.Option(["asterisk:calib", "tts:calib"], "--calib", help="Calibration source (repeatable)"),
     n_calib: int = typer.Option(128, help="Calibration utterances, chosen from the sources with --seed"),
     pool: str = typer.Option("random", help=POOL_HELP),
@@ -327,14 +353,21 @@ def quantize_cmd(
         cfg = _quant_config(method, grid.pop("bits"), grid.pop("group_size"), alpha, grid.pop("embedding_bits"),
                             n_calib, mse=mse, act_order=act_order, layers=layers, percdamp=percdamp,
                             encoder_frames=encoder_frames, pad_stride=pad_stride, pad_weight=pad_weight,
-                            variant=variant, options=opts, embedding_format=embedding_format, **grid)
+                            variant=variant, options=opts, embedding_format=embedding_format, act_bits=act_bits,
+                            act_mode=act_mode, act_calibrator=act_calibrator,
+                            esc=dict(budget=esc_budget, population=esc_population, subset=esc_subset, seed=esc_seed,
+                                     fitness=esc_fitness,
+                                     state=str(Path(out).expanduser().absolute().with_name(
+                                         f".{Path(out).name}.esc-state.pkl"))) if act_calibrator == "esc" else {},
+                            **grid)
         import torch
 
         if fp_dtype not in ("float32", "float16"):
             raise QuantConfigError(f"must be float32 or float16, got {fp_dtype!r}", option="fp_dtype")
         checkpoint.check_target(out, "--out")
         quiet_transformers()
-        utts = _calibration(calib, n_calib, seed, skip_bad, pool) if get_method(method).needs_calibration else []
+        calibrates = get_method(method).needs_calibration or (act_bits is not None and act_mode == "static")
+        utts = _calibration(calib, n_calib, seed, skip_bad, pool) if calibrates else []
         asr = load_model(model)
         report = quantize_(asr, cfg, utts, progress=progress)
         console.print(_layer_table(report))
@@ -343,6 +376,8 @@ def quantize_cmd(
                           pool=pool if utts else None, quant_seconds=round(report.seconds, 2),
                           peak_rss_mb=round(peak_mb))
         checkpoint.save(asr, out, asr.recipe | {"layers_report": report.layers}, fp_dtype=getattr(torch, fp_dtype))
+        if cfg.esc.get("state"):
+            Path(cfg.esc["state"]).unlink(missing_ok=True)  # the search is in the checkpoint now
         i = checkpoint.info(out)
         console.print(f"quantized {len(report.layers)} layers in {report.seconds:.1f} s; wrote {out} "
                       f"({i['dir_mb']:.1f} MB, {i['bits_per_weight']:.2f} bits per Linear weight)")
@@ -537,6 +572,17 @@ def info_cmd(path: Path = typer.Argument(..., help="Checkpoint directory"),
         rows = layer_rows(i["recipe"])
         if rows:
             console.print(table(rows, f"{path.name}: per-layer diagnostics ({r.get('method')})"))
+        if i["activations"]:
+            from rich.table import Table
+
+            t = Table(title=f"{path.name}: quantized inputs ({len(i['activations'])})")
+            for c in ("module", "input", "scale", "range ±"):
+                t.add_column(c, justify="left" if c == "module" else "right")
+            for n, a in i["activations"].items():
+                sc = a["scale"]
+                t.add_row(n, f"int{a['bits']} {a['mode']}", "per token" if sc is None else f"{sc:.4g}",
+                          "-" if sc is None else f"{sc * ((1 << (a['bits'] - 1)) - 1):.4g}")
+            console.print(t)
     except QuasrError as e:
         _fail(e)
 

@@ -96,6 +96,9 @@ def export_compressed_tensors(path_or_asr, out_dir: str | Path, embedding: str =
         asr = load(path_or_asr)
     else:
         asr = path_or_asr
+    from quasr.deploy import refuse_quantized_inputs
+
+    refuse_quantized_inputs(asr, "the compressed-tensors export", ExportError)
     model = asr.model
     out_dir = Path(out_dir).expanduser().absolute()
     if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir())

@@ -71,6 +71,10 @@ class QuantConfig:
     pad_weight: float = 1.0              # window mode: weight of padding frames against speech frames in the
     #                                      statistics (1: as at inference; 0: speech frames only)
     variant: str | None = None           # a method's variant (None: its default; see Method.variants)
+    act_bits: int | None = None          # quantize every Linear's (and the conv stem's) input: 8 or 4 bits
+    act_mode: str = "static"             # static (one calibrated scale a tensor) | dynamic (per token)
+    act_calibrator: str = "mse"          # max | percentile | mse | entropy | output-mse | esc
+    esc: dict = field(default_factory=dict)  # ESC's search settings (quasr.methods.esc.EscOptions)
     options: dict = field(default_factory=dict)  # a method's own settings (its Method.options dataclass)
 
     def grid(self) -> QuantGrid:
@@ -117,6 +121,19 @@ class QuantConfig:
             bad("pad_stride", f"the padding-frame stride must be a positive integer, got {self.pad_stride}")
         if not (isinstance(self.pad_weight, (int, float)) and math.isfinite(self.pad_weight) and self.pad_weight >= 0):
             bad("pad_weight", f"the padding-frame weight must be a finite number >= 0, got {self.pad_weight}")
+        if self.act_bits is not None:
+            from quasr.quant.activations import CALIBRATORS, check_bits
+
+            check_bits(self.act_bits)
+            if self.act_mode not in ("static", "dynamic"):
+                bad("act_mode", f"activation mode must be static or dynamic, got {self.act_mode!r}")
+            if self.act_calibrator not in CALIBRATORS + ("esc",):
+                bad("act_calibrator", f"unknown activation calibrator {self.act_calibrator!r} (choose from "
+                                      f"{', '.join(CALIBRATORS + ('esc',))})")
+            if self.act_calibrator == "esc":
+                from quasr.methods.esc import EscOptions
+
+                EscOptions.from_dict(self.esc).check()
         method = get_method(self.method)
         if self.options and method.options is None:
             bad(next(iter(self.options)), f"{self.method} takes no such option (got {', '.join(self.options)})")
@@ -145,7 +162,9 @@ class QuantConfig:
         return opts
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        d["esc"] = {k: v for k, v in d["esc"].items() if k != "state"}  # where a search is saved is not the recipe
+        return d
 
 
 @dataclass
@@ -340,6 +359,8 @@ def quantize_(asr, cfg: QuantConfig, calib=(), progress: bool = True, on_layer=N
             _walk(asr, cal, blocks, calib, run, fp_embed)
 
     pack_model(asr.model, quantized)
+    if cfg.act_bits is not None:
+        report.method_info["activations"] = calibrate_inputs(asr, cfg, calib, progress)
     report.seconds = time.perf_counter() - t0
     asr.method, asr.bits, asr.group_size = cfg.method, cfg.bits, cfg.group_size
     asr.recipe = {**cfg.to_dict(), "alpha": cfg.alpha if cfg.alpha is not None else method.default_alpha,
@@ -347,6 +368,118 @@ def quantize_(asr, cfg: QuantConfig, calib=(), progress: bool = True, on_layer=N
                   "n_calib": report.n_calib, "calib_ids": report.calib_ids, "numerics": numerics.state(),
                   **({"method_info": report.method_info} if report.method_info else {})}
     return report
+
+
+ACT_CALIB_UTTS = 32  # calibration utterances whose activations set the static scales (a seeded subset)
+
+
+def input_quant_modules(asr) -> dict[str, torch.nn.Module]:
+    """Every module whose input is quantized: the packed Linears and the conv stem (wrapped on first call)."""
+    from quasr.quant.modules import QuantizedInput, QuantizedLinear, replace_module
+
+    enc = asr.model.model.encoder
+    for name in ("conv1", "conv2"):
+        m = getattr(enc, name)
+        if not isinstance(m, QuantizedInput):
+            replace_module(asr.model, f"model.encoder.{name}", QuantizedInput(m, 8))
+    return {n: m for n, m in asr.model.named_modules() if isinstance(m, (QuantizedLinear, QuantizedInput))}
+
+
+def collect_inputs(asr, utts, modules: dict, capacity: int = 1024, seed: int = 0, progress: bool = True):
+    """RowSamplers of each module's input over teacher-forced forward passes on `utts`."""
+    from quasr.quant.activations import RowSampler
+
+    samplers = {n: RowSampler(capacity, seed) for n in modules}
+
+    def hook(name):
+        def pre(mod, args):
+            x = args[0]
+            samplers[name].add(x.transpose(1, 2) if x.dim() == 3 and name.endswith(("conv1", "conv2")) else x)
+        return pre
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in modules.items()]
+    try:
+        with torch.inference_mode(), progress_bar(progress) as bar:
+            task = bar.add_task("activations", total=len(utts))
+            for i in range(0, len(utts), 4):
+                batch = asr.training_batch(utts[i:i + 4])
+                asr.model(**{k: v for k, v in batch.items() if k != "labels"})
+                bar.advance(task, len(utts[i:i + 4]))
+    finally:
+        for h in handles:
+            h.remove()
+    return samplers
+
+
+def calibrate_inputs(asr, cfg: QuantConfig, calib, progress: bool = True) -> dict:
+    """Quantize every Linear's and the conv stem's input to cfg.act_bits (symmetric): dynamic per-token
+    scales, or static scales from a calibrator over the calibration set's activations (ESC searches them
+    further). Returns what was done (stored in the recipe)."""
+    import random
+
+    from quasr.quant.activations import calibrate
+    from quasr.quant.modules import QuantizedInput
+
+    modules = input_quant_modules(asr)
+    for m in modules.values():
+        if isinstance(m, QuantizedInput):
+            m.act_bits, m.act_mode = cfg.act_bits, cfg.act_mode
+        else:
+            m.set_input_quant(None)
+    info = {"bits": cfg.act_bits, "mode": cfg.act_mode, "modules": len(modules)}
+    if cfg.act_mode == "dynamic":
+        for m in modules.values():
+            if not isinstance(m, QuantizedInput):
+                m.set_input_quant(cfg.act_bits, "dynamic")
+        return info
+    calib = list(calib)
+    if not calib:
+        raise QuantConfigError("static activation scales need calibration utterances (use --calib, or "
+                               "--act-mode dynamic)", option="n_calib")
+    sample = sorted(random.Random(0).sample(calib, min(ACT_CALIB_UTTS, len(calib))), key=lambda u: u.id)
+    samplers = _collect_float(asr, sample, modules, progress)  # every input unquantized while it is observed
+    local = "output-mse" if cfg.act_calibrator == "esc" else cfg.act_calibrator
+    scales = {}
+    for n, m in modules.items():
+        w = m.dequantize() if not isinstance(m, QuantizedInput) else None
+        # the conv stem has no Linear weight: its output-MSE scale falls back to the input's own MSE
+        scales[n] = calibrate(samplers[n], n, cfg.act_bits, "mse" if w is None and local == "output-mse" else local,
+                              weight=w)
+    apply_scales(modules, scales, cfg.act_bits)
+    info.update(calibrator=cfg.act_calibrator, calibration_utterances=len(sample),
+                calibration_ids=[u.id for u in sample])
+    if cfg.act_calibrator == "esc":
+        from quasr.methods.esc import EscOptions, search
+
+        info["esc"] = search(asr, modules, scales, calib, EscOptions.from_dict(cfg.esc), cfg, progress)
+    return info
+
+
+def _collect_float(asr, utts, modules, progress):
+    """Input statistics with every input unquantized (conv stem wrappers pass through)."""
+    from quasr.quant.modules import QuantizedInput
+
+    saved = {}
+    for n, m in modules.items():
+        if isinstance(m, QuantizedInput):
+            saved[n] = m.forward
+            m.forward = (lambda mm: (lambda x: mm.inner(x)))(m)
+    try:
+        return collect_inputs(asr, utts, modules, progress=progress)
+    finally:
+        for n, f in saved.items():
+            del modules[n].forward
+
+
+def apply_scales(modules: dict, scales: dict[str, float], bits: int) -> None:
+    from quasr.quant.modules import QuantizedInput
+
+    for n, m in modules.items():
+        if isinstance(m, QuantizedInput):
+            m.act_bits, m.act_mode = bits, "static"
+            m.input_scale.fill_(float(scales[n]))
+        else:
+            m.set_input_quant(bits, "static", scales[n])
 
 
 def pack_model(model: torch.nn.Module, quantized: dict[str, QuantizedWeight]) -> None:

@@ -150,6 +150,9 @@ def export_ct2(src, out: str | Path, type_name: str = "int8") -> dict:
     except ImportError as e:
         raise Ct2Error("exporting to CTranslate2 needs the ctranslate2 package (pip install 'quasr[deploy]')") from e
     asr = src if hasattr(src, "model") else load_model(str(src))
+    from quasr.deploy import refuse_quantized_inputs
+
+    refuse_quantized_inputs(asr, "CTranslate2's format", Ct2Error)
     if not isinstance(asr, WhisperAsr):
         raise Ct2Error(f"{getattr(asr, 'name', src)}: only Whisper models can be exported to CTranslate2 here")
     cfg = asr.model.config

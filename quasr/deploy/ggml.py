@@ -233,6 +233,9 @@ def export_ggml(src, out: str | Path, type_name: str) -> dict:
         raise GgmlError(f"unknown ggml type {type_name!r} (choose from {', '.join(TYPES)})")
     t = TYPES[type_name]
     asr = src if hasattr(src, "model") else load_model(str(src))
+    from quasr.deploy import refuse_quantized_inputs
+
+    refuse_quantized_inputs(asr, "whisper.cpp's ggml format", GgmlError)
     if not isinstance(asr, WhisperAsr):
         raise GgmlError(f"{getattr(asr, 'name', src)}: a {getattr(asr, 'family', type(asr).__name__)} model; the "
                         f"ggml format holds Whisper models only")

@@ -209,11 +209,71 @@ class QuantizedLinear(_PackedRows):
             raise QuantConfigError(f"quantized weight {qw.shape} does not fit {linear}")
         return cls.from_weight(qw, linear.bias, scale_dtype)
 
+    # -- quantized inputs (activation quantization) -------------------------------------------------------
+
+    act_bits: int | None = None
+    act_mode: str = "static"
+    int8: bool = False  # run W8A8 as int8 matrix products (see int8_ready)
+
+    def set_input_quant(self, bits: int | None, mode: str = "static", scale: float | None = None) -> None:
+        """Quantize this layer's input to `bits` (4 or 8, symmetric): "static" with one scale (a buffer,
+        `input_scale`, stored in checkpoints) or "dynamic" per token; None turns it off."""
+        from quasr.quant.activations import check_bits
+
+        if bits is None:
+            self.act_bits = None
+            return
+        check_bits(bits)
+        if mode not in ("static", "dynamic"):
+            raise QuantConfigError(f"activation mode must be static or dynamic, got {mode!r}")
+        self.act_bits, self.act_mode = int(bits), mode
+        if "input_scale" not in self._buffers:
+            self.register_buffer("input_scale", torch.ones(1, dtype=torch.float32, device=self.weight_packed.device))
+        if scale is not None:
+            self.input_scale.fill_(float(scale))
+
+    def int8_ready(self) -> bool:
+        """Whether int8 matrix products compute this layer exactly as its fake-quantized arithmetic: 8-bit
+        symmetric per-row weight codes and a static 8-bit input scale."""
+        return (isinstance(self.fmt, Affine) and self.fmt.bits == 8 and self.fmt.group_size is None and self.fmt.sym
+                and self.act_bits == 8 and self.act_mode == "static")
+
+    def _quant_input(self, x: torch.Tensor) -> torch.Tensor:
+        from quasr.quant.activations import dynamic_scale, fake_quant
+
+        if self.act_bits is None:
+            return x
+        scale = self.input_scale if self.act_mode == "static" else dynamic_scale(x, self.act_bits)
+        return fake_quant(x, scale.to(x.dtype), self.act_bits)
+
+    def _int8_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """y = (round(x / s_x) · (code − 128)ᵀ) · s_x · s_w + b with int8 operands and int32 accumulation."""
+        s_x = float(self.input_scale)
+        x2 = x.reshape(-1, self.cols)
+        xq = torch.clamp(torch.round(x2 / s_x), -127, 127).to(torch.int8)
+        if getattr(self, "_wq_t", None) is None:  # int8 codes [in, out], made once
+            from quasr.quant.pack import unpack
+
+            self._wq_t = (unpack(self.weight_packed, 8, self.cols).to(torch.int16) - 128).to(torch.int8).T.contiguous()
+            self._w_scale = self.weight_scale.float().reshape(1, -1)
+        pad = (-xq.shape[0]) % 8  # torch._int_mm wants more than 16 rows, in multiples of 8
+        if xq.shape[0] + pad <= 16:
+            pad += 24 - (xq.shape[0] + pad)
+        xp = torch.nn.functional.pad(xq, (0, 0, 0, pad)) if pad else xq
+        acc = torch._int_mm(xp, self._wq_t)[: xq.shape[0]]
+        y = acc.to(torch.float32) * (s_x * self._w_scale)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.rows)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._matmul(x, self.bias)
+        if self.int8 and self.int8_ready():
+            return self._int8_forward(x)
+        return self._matmul(self._quant_input(x), self.bias)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, {self._spec()}, "
+        act = "" if self.act_bits is None else f", input int{self.act_bits} {self.act_mode}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, {self._spec()}{act}, "
                 f"bias={self.bias is not None}")
 
 
@@ -258,6 +318,40 @@ class QuantizedEmbedding(_PackedRows):
         return f"{self.num_embeddings}, {self.embedding_dim}, {self._spec()}, padding_idx={self.padding_idx}"
 
 
+class QuantizedInput(nn.Module):
+    """A module (the convolution stem) whose input is quantized to a symmetric integer grid first: `inner` is the
+    wrapped module, `input_scale` the static scale (or per-token scales with mode "dynamic")."""
+
+    def __init__(self, inner: nn.Module, bits: int, mode: str = "static", scale: float = 1.0):
+        from quasr.quant.activations import check_bits
+
+        super().__init__()
+        check_bits(bits)
+        self.inner, self.act_bits, self.act_mode = inner, int(bits), mode
+        self.register_buffer("input_scale", torch.full((1,), float(scale), dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from quasr.quant.activations import dynamic_scale, fake_quant
+
+        if self.act_mode == "static":
+            scale = self.input_scale
+        else:  # per frame: the channel axis is dim 1 of a conv input [batch, channels, frames]
+            scale = dynamic_scale(x.transpose(1, 2), self.act_bits).transpose(1, 2)
+        return self.inner(fake_quant(x, scale.to(x.dtype), self.act_bits))
+
+    def __getattr__(self, name: str):
+        # the wrapped module's attributes (a conv's stride, kernel_size, weight...), which callers read off it
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "inner":
+                raise
+            return getattr(super().__getattr__("inner"), name)
+
+    def extra_repr(self) -> str:
+        return f"input int{self.act_bits} {self.act_mode}"
+
+
 class TiedQuantizedHead(nn.Module):
     """Output projection (logits = x @ E.T, no bias) sharing a QuantizedEmbedding's packed rows.
 
@@ -289,7 +383,7 @@ class TiedQuantizedHead(nn.Module):
         return f"tied to QuantizedEmbedding({self.out_features}, {self.in_features}, {self.embedding._spec()})"
 
 
-QUANTIZED_TYPES = (QuantizedLinear, QuantizedEmbedding, TiedQuantizedHead)
+QUANTIZED_TYPES = (QuantizedLinear, QuantizedEmbedding, TiedQuantizedHead, QuantizedInput)
 
 
 def replace_module(model: nn.Module, dotted_name: str, new_module: nn.Module) -> nn.Module:
@@ -355,7 +449,8 @@ def replace_tied_embedding(model: nn.Module, qw: QuantizedWeight,
 
 
 def quantized_modules(model: nn.Module):
-    """(name, module) of every QuantizedLinear, QuantizedEmbedding and TiedQuantizedHead, in module order."""
+    """(name, module) of every QuantizedLinear, QuantizedEmbedding, TiedQuantizedHead and QuantizedInput, in
+    module order."""
     for name, m in model.named_modules():
         if isinstance(m, QUANTIZED_TYPES):
             yield name, m
