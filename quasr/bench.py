@@ -35,6 +35,9 @@ def transcripts_path(results: ResultsFile, recipe: dict, data: str) -> Path:
     parts = [f"{k}={recipe[k]}" if k not in ("model", "method") else str(recipe[k])
              for k in results.keys if recipe.get(k) is not None and k not in ("data", "speaker")]
     name = "-".join(parts + [data]).replace("/", "_").replace(":", "_")
+    if len(results.path.stem) + len(name) > 200:  # file systems stop at 255 bytes: keep a readable head, hash the rest
+        digest = hashlib.sha1(name.encode()).hexdigest()[:12]
+        name = f"{name[:150]}-{digest}-{data}".replace("/", "_").replace(":", "_")
     return results.path.parent / "transcripts" / f"{results.path.stem}-{name}.jsonl"
 
 
@@ -86,7 +89,7 @@ def print_records(records: list[dict], columns: list[str], title: str = "") -> N
 # -- quantized cells: one recipe, quantized in a subprocess, its checkpoint scored ------------------------------
 
 OPTION_KEYS = ("alpha", "variant", "encoder_frames", "pad_stride", "pad_weight", "embedding_bits", "percdamp",
-               "layers", "pool", "tail_cost")
+               "layers", "pool", "tail_cost", "sym", "act_mode", "act_calibrator", "esc_seed", "esc_budget")
 
 
 @dataclass(frozen=True)
@@ -110,12 +113,18 @@ class Cell:
     layers: str = "all"
     pool: str = "random"
     tail_cost: float | None = None
+    sym: bool = False                   # symmetric weight grid (W8 for the int8 path)
+    act_bits: int | None = None         # quantized inputs (quasr.quant.activations): 8 or 4
+    act_mode: str = "static"
+    act_calibrator: str = "mse"
+    esc_seed: int = 0
+    esc_budget: int | None = None       # None: quasr's default
 
     @property
     def calibrated(self) -> bool:
         from quasr.methods import get_method
 
-        return get_method(self.method).needs_calibration
+        return get_method(self.method).needs_calibration or (self.act_bits is not None and self.act_mode == "static")
 
     def keys(self) -> dict:
         """The record keys of the cell (None where a setting does not apply or is the default that older
@@ -130,7 +139,16 @@ class Cell:
                     pad_weight=self.pad_weight if window and self.pad_weight != 1.0 else None,
                     embedding_bits=self.embedding_bits or None, percdamp=self.percdamp if c else None,
                     layers=None if self.layers == "all" else self.layers,
-                    pool=self.pool if c and self.pool != "random" else None, tail_cost=self.tail_cost)
+                    pool=self.pool if c and self.pool != "random" else None, tail_cost=self.tail_cost,
+                    **self._act_keys())
+
+    def _act_keys(self) -> dict:
+        if self.act_bits is None:
+            return {"sym": True} if self.sym else {}
+        esc = self.act_calibrator == "esc"
+        return dict(sym=self.sym or None, act_bits=self.act_bits, act_mode=self.act_mode,
+                    act_calibrator=self.act_calibrator if self.act_mode == "static" else None,
+                    esc_seed=self.esc_seed if esc else None, esc_budget=self.esc_budget if esc else None)
 
     def tag(self) -> str:
         """A directory name for the checkpoint, unique per recipe."""
@@ -155,6 +173,15 @@ class Cell:
             cmd += ["--pool", self.pool]
         if self.tail_cost is not None:
             cmd += ["--tail-cost", str(self.tail_cost)]
+        if self.sym:
+            cmd += ["--sym"]
+        if self.act_bits is not None:
+            cmd += ["--act-bits", str(self.act_bits), "--act-mode", self.act_mode,
+                    "--act-calibrator", self.act_calibrator]
+            if self.act_calibrator == "esc":
+                cmd += ["--esc-seed", str(self.esc_seed)]
+                if self.esc_budget is not None:
+                    cmd += ["--esc-budget", str(self.esc_budget)]
         return cmd
 
 

@@ -238,3 +238,17 @@ def test_speaker_mean_relative_change():
     g = ["s1"] * 10 + ["s2"] * 10
     ci = speaker_mean_relative(ea, eb, n, g, resamples=500)
     assert ci.diff == pytest.approx(-50.0) and ci.lo < -50 < ci.hi and ci.excludes_zero
+
+
+def test_transcript_file_names_stay_short_and_distinct(tmp_path):
+    from quasr.bench import OPTION_KEYS, Cell, transcripts_path
+    from quasr.results import ResultsFile
+
+    rf = ResultsFile(tmp_path / "esc.json", "esc", option_keys=OPTION_KEYS)
+    cells = [Cell("whisper-tiny.en", "rtn", 8, None, sym=True, act_bits=8, act_calibrator="esc", esc_seed=s,
+                  esc_budget=100) for s in (0, 1)]
+    names = [transcripts_path(rf, dict(c.keys(), decoding="standard"), "asterisk:test").name for c in cells]
+    assert all(len(n) < 255 for n in names) and names[0] != names[1]
+    assert all(n.endswith("asterisk_test.jsonl") for n in names)
+    short = transcripts_path(rf, dict(model="whisper-tiny.en", method="fp", decoding="standard"), "tts:test").name
+    assert short == "esc-whisper-tiny.en-fp-decoding=standard-tts_test.jsonl"  # short names unchanged
