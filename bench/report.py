@@ -53,9 +53,9 @@ BUSY_LOAD = 2.5  # a 1-minute load average above this on the 2-core machines mea
 SEED_KEYS = ("seed",)  # what varies between the records of one recipe
 RECIPE_KEYS = ("model", "method", "bits", "group_size", "alpha", "variant", "embedding_bits", "encoder_frames",
                "pad_stride", "pad_weight", "percdamp", "layers", "calib", "n_calib", "decoding", "pool", "tail_cost",
-               "runtime", "rtype")
+               "runtime", "rtype", "sym", "act_bits", "act_mode", "act_calibrator", "esc_budget")
 REFS = {"fade": ("rtn", "gptq"), "tarq": ("gptq", "rtn"), "tarq-swing": ("gptq",),  # default: rtn and fp
-        "deploy": ("rtn-runtime", "fp")}
+        "deploy": ("rtn-runtime", "fp"), "esc": ("act:mse", "fp")}  # act:NAME: the same recipe, another calibrator
 RARE_PAIRS = {"tarq", "tarq-swing"}  # benchmarks whose paired table also compares rare-word errors
 
 
@@ -189,6 +189,13 @@ def ptq(path: Path, decoding: str | None = None, resamples: int = 10_000, refs: 
 
     def ref(key: tuple, method: str, s: str) -> Recipe | None:
         k = dict(zip(RECIPE_KEYS, key))
+        if method.startswith("act:"):  # the same weights and activation bits, calibrated by another calibrator
+            same = [x for x in RECIPE_KEYS if x not in ("act_calibrator", "esc_budget")]
+            for other, by_set in recipes.items():
+                o = dict(zip(RECIPE_KEYS, other))
+                if o["act_calibrator"] == method[4:] and all(o[x] == k[x] for x in same) and s in by_set:
+                    return by_set[s]
+            return None
         same = ("bits", "group_size", "embedding_bits", "layers") + (
             ("calib", "n_calib", "encoder_frames", "pad_stride", "pad_weight", "percdamp")
             if method not in ("rtn", "rtn-runtime") else ())
@@ -213,9 +220,12 @@ def ptq(path: Path, decoding: str | None = None, resamples: int = 10_000, refs: 
         k = dict(zip(RECIPE_KEYS, key))
         by_set = recipes[key]
         first = next(iter(by_set.values()))
-        seeds = sorted({r.get("seed") for rec in by_set.values() for r in rec.recs if r.get("seed") is not None})
+        seed_key = "esc_seed" if k.get("act_calibrator") == "esc" else "seed"  # ESC: the search's seeds
+        seeds = sorted({r.get(seed_key) for rec in by_set.values() for r in rec.recs if r.get(seed_key) is not None})
         label = label_of(k)
         weights = k["bits"] and (f"W{k['bits']}G{k['group_size']}" if k["group_size"] else f"W{k['bits']}")
+        if k.get("act_bits"):
+            weights += f"A{k['act_bits']}"
         head = [k["model"], label, weights]
         acc.append(head + [",".join(map(str, seeds)) or "-"]
                    + [pm(*by_set[s].mean_std("wer")[:2]) if s in by_set else None for s in sets]
@@ -228,7 +238,8 @@ def ptq(path: Path, decoding: str | None = None, resamples: int = 10_000, refs: 
             for s in sets:
                 rec = by_set.get(s)
                 for r in refs:
-                    c = compare(rec, ref(key, r, s), resamples) if rec and k["method"] != r else (None, None)
+                    mine = f"act:{k['act_calibrator']}" if r.startswith("act:") else k["method"]
+                    c = compare(rec, ref(key, r, s), resamples) if rec and mine != r else (None, None)
                     cells += list(c)
                 if rare_pairs:
                     c = compare(rec, ref(key, refs[0], s), resamples, "rare") if rec and k["method"] != refs[0] \
@@ -258,8 +269,8 @@ def ptq(path: Path, decoding: str | None = None, resamples: int = 10_000, refs: 
            "Paired comparisons (Δ WER in points of the seed-mean model, 95 % bootstrap interval over utterances, "
            f"{resamples:,} resamples; † the interval excludes zero; utterances with fewer / more errors):", "",
            md(pair, ["model", "method", "weights", "seeds"]
-              + [c for s in sets for c in [x for r in refs for x in (f"Δ vs {r.upper()} {s}",
-                                                                      f"vs {r.upper()} {s}: better / worse")]
+              + [c for s in sets for c in [x for r in refs for x in (f"Δ vs {ref_name(r)} {s}",
+                                                                      f"vs {ref_name(r)} {s}: better / worse")]
                  + ([f"Δ rare-WER vs {refs[0].upper()} {s}", f"rare: better / worse {s}"] if rare_pairs else [])]),
            "",
            "Cost:", "",
@@ -378,8 +389,98 @@ def pqm(path: Path, decoding: str | None = None, resamples: int = 10_000) -> str
     return "\n".join(out)
 
 
+def ref_name(r: str) -> str:
+    return f"{r[4:]} calibrator" if r.startswith("act:") else r.upper()
+
+
+PEER_REFERENCE = {4: ("gptq", 128), 3: ("gptq", 128), 8: ("rtn", 128)}  # quasr's row each peer is paired with
+
+
+def peers(path: Path, decoding: str | None = None, resamples: int = 10_000) -> str:
+    """Each peer's scheme beside quasr's recipes of the same model (from ptq.json): WER, rare-WER, size on disk,
+    quantization seconds; and the paired interval of quasr's reference recipe at the peer's bit width (GPTQ G128,
+    seed-mean; at 8 bits RTN) against the peer. CTranslate2 runs in its own decoder: it is compared with
+    CTranslate2 float32. Failed cells are listed with their error."""
+    d = json.loads(path.read_text())
+    recs = one_decoding([r for r in d["records"] if r["speaker"] is None], path, decoding)
+    dec = next(iter({str(r.get("decoding")) for r in recs}), None)
+    failed = [r for r in recs if r.get("error")]
+    ok = [r for r in recs if not r.get("error")]
+    main = path.with_name("ptq.json")
+    ours = one_decoding([r for r in json.loads(main.read_text())["records"] if r["speaker"] is None], main, dec) \
+        if main.exists() else []
+    sets = list(dict.fromkeys(r["data"] for r in recs))
+    models = list(dict.fromkeys(r["model"] for r in recs))
+
+    def group(rs, key):
+        out: dict = {}
+        for r in rs:
+            out.setdefault(key(r), {}).setdefault(r["data"], []).append(r)
+        return out
+
+    peer_rows = group(ok, lambda r: (r["model"], r["method"]))
+    quasr_rows = group([r for r in ours if r["model"] in models and r.get("act_bits") is None],
+                       lambda r: (r["model"], label_of(dict(r, **{k: r.get(k) for k in RECIPE_KEYS})), r.get("bits"),
+                                  r.get("group_size")))
+    rows, pairs = [], []
+    for model in models:
+        for key, by_set in [(k, v) for k, v in quasr_rows.items() if k[0] == model]:
+            recipes = {s: Recipe(rs, main.parent) for s, rs in by_set.items()}
+            first = next(iter(by_set.values()))[0]
+            w = f"W{key[2]}G{key[3]}" if key[2] and key[3] else (f"W{key[2]}" if key[2] else "FP32")
+            rows.append([model, f"quasr {key[1]}", w]
+                        + [pm(*recipes[s].mean_std("wer")[:2]) if s in recipes else None for s in sets]
+                        + [pm(*recipes[s].mean_std("rare_wer")[:2]) if s in recipes else None for s in sets]
+                        + [first.get("size_mb"), first.get("quant_seconds")])
+        for (m, method), by_set in peer_rows.items():
+            if m != model:
+                continue
+            first = next(iter(by_set.values()))[0]
+            rows.append([model, method, f"W{first['bits']}" + (f"G{first['group_size']}" if first.get("group_size")
+                                                                 else "") if first.get("bits") else "FP32"]
+                        + [by_set[s][0]["wer"] if s in by_set else None for s in sets]
+                        + [by_set[s][0]["rare_wer"] if s in by_set else None for s in sets]
+                        + [first.get("size_mb"), first.get("quant_seconds")])
+            if first.get("peer") == "ctranslate2":
+                ref_key = (model, "ctranslate2:float32")
+                ref = {s: Recipe(rs, path.parent) for s, rs in peer_rows.get(ref_key, {}).items()}
+                ref_name = "CTranslate2 float32"
+                if method == "ctranslate2:float32":
+                    continue
+            else:
+                method_ref, g = PEER_REFERENCE.get(first.get("bits"), ("gptq", 128))
+                match = [v for k, v in quasr_rows.items() if k[0] == model and k[2] == first.get("bits")
+                         and k[3] == g and k[1] == method_ref]
+                ref = {s: Recipe(rs, main.parent) for s, rs in match[0].items()} if match else {}
+                ref_name = f"quasr {method_ref} W{first.get('bits')}G{g}"
+            cells = []
+            for s in sets:
+                mine = Recipe(by_set[s], path.parent) if s in by_set else None
+                c = compare(ref[s], mine, resamples) if mine and s in ref else (None, None)
+                cells += list(c)
+            pairs.append([model, method, ref_name] + cells)
+    out = [f"Decoding: {dec}; normalizer: {d['normalizer']}. Commands:", "", commands(d), "",
+           "Every model below was transcribed and scored by quasr (same utterances, decoding and scorer). Sizes: "
+           "quasr's checkpoint directory; a peer's state dict as torch.save writes it (every weight, their FP32 "
+           "tied embedding included); CTranslate2: the bundled file (int8 is applied when it loads).", "",
+           md(rows, ["model", "recipe", "weights"] + [f"WER {s} %" for s in sets] + [f"rare-WER {s} %" for s in sets]
+              + ["MB", "quant s"]), "",
+           f"Paired: Δ WER of the reference minus the peer (negative: the reference is better), 95 % bootstrap "
+           f"interval over utterances, {resamples:,} resamples, † excludes zero; utterances better / worse:", "",
+           md(pairs, ["model", "peer", "reference"] + [c for s in sets for c in (f"Δ {s}", f"better / worse {s}")])]
+    if failed:
+        out += ["", "Failed cells (their records keep the whole error):", ""]
+        out += [f"- {r['model']} {r['method']} on {r['data']}: `{r['error'].strip().splitlines()[-1][:200]}`"
+                for r in failed]
+    return "\n".join(out)
+
+
 def label_of(k: dict) -> str:
     label = k["method"] + (f" α={k['alpha']}" if k.get("alpha") is not None else "")
+    if k.get("act_bits"):
+        label += f", inputs {k.get('act_calibrator') or k.get('act_mode')}"
+        if k.get("act_calibrator") == "esc" and k.get("esc_budget"):
+            label += f" (budget {k['esc_budget']})"
     if k.get("runtime"):
         label = f"{k['runtime']} {k['rtype']}: " + {"rtn-runtime": "its own rounding"}.get(k["method"], label)
     if k.get("variant"):
@@ -412,7 +513,9 @@ TITLES = {"baseline": "Full precision", "ptq": "Weight-only post-training quanti
           "fade": "FADE: per-layer compensation strength", "fade-select": "FADE: choosing the defaults on calib-dev",
           "tarq": "TARQ: tail-aware calibration", "tarq-swing": "TARQ: the calibration swing",
           "deploy": "In the runtimes: whisper.cpp and faster-whisper",
-          "pqm": "PQM: NF4 base with per-speaker LoRA adapters"}
+          "pqm": "PQM: NF4 base with per-speaker LoRA adapters",
+          "esc": "ESC: full-integer quantization (weights and activations)",
+          "peers": "Side by side with the tools users pick today"}
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 DEFAULT = ["baseline", "ptq"]
 
@@ -432,6 +535,8 @@ def report(names: list[str], required: bool = True, decoding: str | None = None,
                 body = swing(path, decoding)
             elif name.startswith("pqm"):
                 body = pqm(path, decoding, resamples)
+            elif name.startswith("peers"):
+                body = peers(path, decoding, resamples)
             else:
                 body = ptq(path, decoding, resamples)
             out += [f"### {title}: `bench/results/{name}.json`", "", body, ""]
