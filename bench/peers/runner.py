@@ -27,6 +27,22 @@ def state_bytes(model) -> int:
     return buf.getbuffer().nbytes
 
 
+def saved_bytes(peer: str, model) -> tuple[int, str]:
+    """(bytes on disk, how they were measured): the tool's own compressed save where it has one
+    (llm-compressor: save_pretrained(save_compressed=True), the compressed-tensors files), else torch.save of
+    the state dict in the tool's storage."""
+    import tempfile
+
+    if peer == "llmcompressor":
+        import copy
+
+        with tempfile.TemporaryDirectory() as tmp:
+            copy.deepcopy(model).save_pretrained(tmp, save_compressed=True)  # a copy: compressing may alter modules
+            files = list(Path(tmp).glob("*.safetensors"))
+            return sum(f.stat().st_size for f in files), "save_pretrained(save_compressed=True): the safetensors files"
+    return state_bytes(model), "torch.save of the state dict: every weight, the FP32 tied embedding included"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--peer", required=True)
@@ -45,6 +61,12 @@ def main() -> None:
     args = ap.parse_args()
 
     import torch
+
+    if args.peer == "quanto":
+        # quanto's int4 weights fail under torch.inference_mode ("Cannot set version_counter for inference
+        # tensor"), which quasr decodes under; its cells decode under torch.no_grad (the same arithmetic).
+        # Patched before quasr is imported: its decorators bind torch.inference_mode at import.
+        torch.inference_mode = lambda mode=True: torch.no_grad()
 
     from schemes import QUANTIZE, SCHEMES
 
@@ -66,15 +88,18 @@ def main() -> None:
     calib = _calibration(args.calib.split(","), args.n_calib, args.seed, False) if calibrates else []
     asr = load_model(args.path)
     asr.name = args.model
+    with torch.no_grad():  # quasr builds the weights as inference tensors; the tools need ordinary ones
+        for p in asr.model.parameters():
+            p.data = p.data.clone()
     t = time.perf_counter()
     QUANTIZE[args.peer](asr, args.scheme, calib)
     quant_seconds = time.perf_counter() - t
     asr.model.eval()
-    size = state_bytes(asr.model)
+    size, size_note = saved_bytes(args.peer, asr.model)
     n_weights = sum(p.numel() for p in {id(p): p for p in load_model(args.path).model.parameters()}.values())
     extra = {"peer": args.peer, "scheme": args.scheme, "scheme_desc": desc, "quant_seconds": round(quant_seconds, 2),
              "size_mb": round(size / 1e6, 2), "bits_per_weight": round(8 * size / n_weights, 3),
-             "size_note": "torch.save of the state dict: every weight, the FP32 tied embedding included",
+             "size_note": size_note,
              "versions": [v for v in versions if v.lower().startswith(keep)],
              "threads": torch.get_num_threads()}
     results = ResultsFile(args.out, "peers", option_keys=OPTION_KEYS + ("peer", "scheme"))
