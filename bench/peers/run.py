@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -32,7 +33,7 @@ from quasr.bench import OPTION_KEYS, TRANSCRIPT_KEYS, parse_data, transcripts_pa
 from quasr.results import ResultsFile, atomic_write_text, machine_info, record  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
-VENVS = ROOT / ".venvs" / "peers"
+VENVS = Path(os.environ.get("QUASR_PEER_VENVS", ROOT / ".venvs" / "peers"))
 CT2_TYPES = ("float32", "int8", "int8_float32")
 
 
