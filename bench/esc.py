@@ -13,7 +13,8 @@ subprocess, its checkpoint reloaded and scored with the decoding policy (default
 bench/report.py esc` prints paired intervals against the MSE calibrator and ESC's mean ± std over search seeds.
 
 --speed: on `--speed-utts` utterances of asterisk:test, one thread, greedy decoding: FP32, the W8A8 (MSE)
-checkpoint fake-quantized, and the same checkpoint with its Linears as int8 matrix products (torch._int_mm);
+checkpoint fake-quantized, and the same checkpoint with its Linears (static input scales) and its tied output head (per-token input scales) as int8
+matrix products (torch._int_mm);
 seconds per utterance and how many transcripts the int8 path shares with fake quantization -> esc-speed.json.
 """
 from __future__ import annotations
@@ -100,7 +101,7 @@ def speed(args) -> None:
     from quasr.metrics import score
     from quasr.models import load_model
     from quasr.paths import cache_dir
-    from quasr.quant.modules import QuantizedLinear
+    from quasr.quant.modules import enable_int8
     from quasr.results import machine_info, now, write_json
 
     torch.set_num_threads(1)
@@ -116,10 +117,7 @@ def speed(args) -> None:
     for name in ("fp32", "w8a8-fake", "w8a8-int8"):
         asr = load_model(model) if name == "fp32" else checkpoint.load(ckpt)
         if name == "w8a8-int8":
-            n = 0
-            for m in asr.model.modules():
-                if isinstance(m, QuantizedLinear) and m.int8_ready():
-                    m.int8, n = True, n + 1
+            n, n_head = enable_int8(asr.model)
         asr.transcribe(audios[:2], decoding=greedy, progress=False)  # warm-up
         t = time.perf_counter()
         hyps = asr.transcribe(audios, batch_size=1, decoding=greedy, progress=False)
@@ -131,7 +129,7 @@ def speed(args) -> None:
     write_json(out, {"benchmark": "esc-speed", "created": now(), "command": " ".join(["python", *sys.argv]),
                      "machine": machine_info(), "model": model, "checkpoint_recipe": cell.keys(),
                      "data": f"asterisk:test@{args.speed_utts}", "decoding": greedy.label, "batch_size": 1,
-                     "threads": 1, "int8_linears": n, "transcripts_same_int8_vs_fake": same, "n_utts": len(audios),
+                     "threads": 1, "int8_linears": n, "int8_head": bool(n_head), "transcripts_same_int8_vs_fake": same, "n_utts": len(audios),
                      "runs": {k: {kk: vv for kk, vv in v.items() if kk != "hyps"} for k, v in runs.items()},
                      "transcripts": {k: v["hyps"] for k, v in runs.items()}})
     print(f"int8 vs fake quantization: {same}/{len(audios)} transcripts identical; wrote {out}")

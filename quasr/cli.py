@@ -148,17 +148,16 @@ def eval_cmd(
             asr = load_model(model)
         if int8:
             from quasr.errors import UsageError
-            from quasr.quant.modules import QuantizedLinear
+            from quasr.quant.modules import enable_int8
 
-            ready = [m for m in asr.model.modules() if isinstance(m, QuantizedLinear) and m.int8_ready()]
-            if not ready:
+            n_linear, n_head = enable_int8(asr.model)
+            if not n_linear:
                 raise UsageError(f"--int8: {model} has no layer with 8-bit per-row weights and static 8-bit inputs "
                                  f"(quantize with --bits 8 --group-size 0 --sym --act-bits 8)")
-            for m in ready:
-                m.int8 = True
             from quasr.progress import console
 
-            console.print(f"--int8: {len(ready)} Linears run as int8 matrix products")
+            console.print(f"--int8: {n_linear} Linears" + (" and the tied output head (inputs per token)" if n_head
+                                                           else "") + " run as int8 matrix products")
         aset = None
         if adapters is not None:
             from quasr.adapt import AdapterSet

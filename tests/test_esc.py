@@ -228,3 +228,25 @@ def test_exports_refuse_quantized_activations(tmp_path):
         assert res.returncode != 0 and "quantize their input activations" in res.stdout + res.stderr, fmt
         assert "Traceback" not in res.stderr and not (tmp_path / out).exists()
 
+
+
+def test_tied_head_int8_path_is_the_product_with_per_token_inputs():
+    from quasr.quant.grid import QuantGrid, rtn
+    from quasr.quant.modules import QuantizedEmbedding, TiedQuantizedHead
+
+    torch.manual_seed(0)
+    w = torch.randn(300, 64)
+    emb = QuantizedEmbedding.from_weight(rtn(w, QuantGrid(8, None, sym=True)))
+    head = TiedQuantizedHead(emb)
+    assert head.int8_ready()
+    x = torch.randn(2, 5, 64)
+    ref = head(x)
+    s = x.abs().amax(-1, keepdim=True) / 127
+    expect = fake_quant(x, s, 8) @ emb.dequantize().T  # the int8 product is this, up to float summation order
+    head.int8 = True
+    got = head(x)
+    assert got.shape == ref.shape
+    assert torch.allclose(got, expect, atol=1e-4, rtol=1e-4)
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() > 0.8  # close to the float head's choices
+    emb4 = QuantizedEmbedding.from_weight(rtn(w, QuantGrid(4, None, sym=True)))
+    assert not TiedQuantizedHead(emb4).int8_ready()

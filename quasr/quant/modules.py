@@ -175,6 +175,25 @@ class _PackedRows(nn.Module):
         return f"bits={self.bits}, {g}, {'sym' if self.sym else 'asym'}"
 
 
+def int8_codes_t(m: "_PackedRows") -> tuple[torch.Tensor, torch.Tensor]:
+    """(signed int8 codes transposed to [in, out], per-row scales as [1, out]) of an 8-bit symmetric per-row
+    packed weight: the operands of an int8 matrix product (an extra int8 copy of the weight)."""
+    from quasr.quant.pack import unpack
+
+    codes = (unpack(m.weight_packed, 8, m.cols).to(torch.int16) - 128).to(torch.int8)
+    return codes.T.contiguous(), m.weight_scale.float().reshape(1, -1)
+
+
+def int8_matmul(xq: torch.Tensor, wq_t: torch.Tensor) -> torch.Tensor:
+    """int8 [M, K] × int8 [K, N] -> int32 [M, N] (torch._int_mm, which wants more than 16 rows in multiples
+    of 8: the rows are zero-padded and cut again)."""
+    pad = (-xq.shape[0]) % 8
+    if xq.shape[0] + pad <= 16:
+        pad += 24 - (xq.shape[0] + pad)
+    xp = torch.nn.functional.pad(xq, (0, 0, 0, pad)) if pad else xq
+    return torch._int_mm(xp, wq_t)[: xq.shape[0]]
+
+
 class QuantizedLinear(_PackedRows):
     """A Linear whose weight is stored packed (see the module docstring); forward == F.linear on the
     dequantized weight."""
@@ -250,18 +269,10 @@ class QuantizedLinear(_PackedRows):
         """y = (round(x / s_x) · (code − 128)ᵀ) · s_x · s_w + b with int8 operands and int32 accumulation."""
         s_x = float(self.input_scale)
         x2 = x.reshape(-1, self.cols)
-        xq = torch.clamp(torch.round(x2 / s_x), -127, 127).to(torch.int8)
+        xq = x2.div(s_x).round_().clamp_(-127, 127).to(torch.int8)  # in place: half the passes of round(x / s)
         if getattr(self, "_wq_t", None) is None:  # int8 codes [in, out], made once
-            from quasr.quant.pack import unpack
-
-            self._wq_t = (unpack(self.weight_packed, 8, self.cols).to(torch.int16) - 128).to(torch.int8).T.contiguous()
-            self._w_scale = self.weight_scale.float().reshape(1, -1)
-        pad = (-xq.shape[0]) % 8  # torch._int_mm wants more than 16 rows, in multiples of 8
-        if xq.shape[0] + pad <= 16:
-            pad += 24 - (xq.shape[0] + pad)
-        xp = torch.nn.functional.pad(xq, (0, 0, 0, pad)) if pad else xq
-        acc = torch._int_mm(xp, self._wq_t)[: xq.shape[0]]
-        y = acc.to(torch.float32) * (s_x * self._w_scale)
+            self._wq_t, self._w_scale = int8_codes_t(self)
+        y = int8_matmul(xq, self._wq_t).to(torch.float32) * (s_x * self._w_scale)
         if self.bias is not None:
             y = y + self.bias
         return y.to(x.dtype).reshape(*x.shape[:-1], self.rows)
@@ -376,7 +387,24 @@ class TiedQuantizedHead(nn.Module):
     def out_features(self) -> int:
         return self.embedding.num_embeddings
 
+    int8: bool = False  # logits as an int8 matrix product (see int8_ready)
+
+    def int8_ready(self) -> bool:
+        """Whether the tied rows are 8-bit symmetric per row, so the logits can be an int8 product with the
+        input quantized per token (dynamic scales: the head has no calibrated input scale)."""
+        f = self.embedding.fmt
+        return isinstance(f, Affine) and f.bits == 8 and f.group_size is None and f.sym
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.int8 and self.int8_ready():
+            e = self.embedding
+            if getattr(self, "_wq_t", None) is None:
+                self._wq_t, self._w_scale = int8_codes_t(e)
+            x2 = x.reshape(-1, e.cols).float()
+            s_x = (x2.abs().amax(dim=1, keepdim=True) / 127).clamp_min(1e-12)
+            xq = x2.div(s_x).round_().clamp_(-127, 127).to(torch.int8)
+            y = int8_matmul(xq, self._wq_t).to(torch.float32) * s_x * self._w_scale
+            return y.to(x.dtype).reshape(*x.shape[:-1], e.rows)
         return self.embedding._matmul(x, None)
 
     def extra_repr(self) -> str:
@@ -384,6 +412,18 @@ class TiedQuantizedHead(nn.Module):
 
 
 QUANTIZED_TYPES = (QuantizedLinear, QuantizedEmbedding, TiedQuantizedHead, QuantizedInput)
+
+
+def enable_int8(model: nn.Module) -> tuple[int, int]:
+    """Run every module that can as int8 matrix products (QuantizedLinear with 8-bit per-row weights and a static
+    8-bit input scale; the tied head with 8-bit per-row rows); returns (Linears, heads) switched."""
+    n_lin = n_head = 0
+    for m in model.modules():
+        if isinstance(m, QuantizedLinear) and m.int8_ready():
+            m.int8, n_lin = True, n_lin + 1
+        elif isinstance(m, TiedQuantizedHead) and m.int8_ready():
+            m.int8, n_head = True, n_head + 1
+    return n_lin, n_head
 
 
 def replace_module(model: nn.Module, dotted_name: str, new_module: nn.Module) -> nn.Module:
