@@ -165,7 +165,7 @@ def test_esc_search_resumes_after_a_kill_to_the_same_scales(tmp_path, monkeypatc
     local = {n: float(m.input_scale) for n, m in modules.items()}
     calib = _calib(4)
     cfg = QuantConfig(method="rtn", bits=8, group_size=None, sym=True, act_bits=8, act_calibrator="esc")
-    opts = dict(budget=9, population=4, subset=2, seed=3)
+    opts = dict(budget=9, population=4, subset=1, seed=3)
 
     ref = esc.search(asr, modules, local, calib, esc.EscOptions(**opts), cfg, progress=False)
     ref_scales = {n: float(m.input_scale) for n, m in modules.items()}
