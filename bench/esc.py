@@ -13,8 +13,8 @@ subprocess, its checkpoint reloaded and scored with the decoding policy (default
 bench/report.py esc` prints paired intervals against the MSE calibrator and ESC's mean ± std over search seeds.
 
 --speed: on `--speed-utts` utterances of asterisk:test, one thread, greedy decoding: FP32, the W8A8 (MSE)
-checkpoint fake-quantized, and the same checkpoint with its Linears (static input scales) and its tied output head (per-token input scales) as int8
-matrix products (torch._int_mm);
+checkpoint fake-quantized, and the same checkpoint with its Linears as int8 matrix products (torch._int_mm; the checkpoint's arithmetic), and the same
+with the tied output head as one too (its input quantized per token: a slightly different model);
 seconds per utterance and how many transcripts the int8 path shares with fake quantization -> esc-speed.json.
 """
 from __future__ import annotations
@@ -114,10 +114,10 @@ def speed(args) -> None:
     audios, refs = [u.audio for u in ds], [u.text for u in ds]
     greedy = parse_decoding("greedy")
     runs = {}
-    for name in ("fp32", "w8a8-fake", "w8a8-int8"):
+    for name in ("fp32", "w8a8-fake", "w8a8-int8", "w8a8-int8-head"):
         asr = load_model(model) if name == "fp32" else checkpoint.load(ckpt)
-        if name == "w8a8-int8":
-            n, n_head = enable_int8(asr.model)
+        if name.startswith("w8a8-int8"):
+            n, n_head = enable_int8(asr.model, head=name.endswith("head"))
         asr.transcribe(audios[:2], decoding=greedy, progress=False)  # warm-up
         t = time.perf_counter()
         hyps = asr.transcribe(audios, batch_size=1, decoding=greedy, progress=False)
@@ -125,14 +125,17 @@ def speed(args) -> None:
         runs[name] = {"sec_per_utt": round(sec, 4), "wer": round(score(refs, hyps).wer, 3), "hyps": hyps}
         print(f"{name}: {sec:.3f} s/utt, WER {runs[name]['wer']}", flush=True)
     same = sum(a == b for a, b in zip(runs["w8a8-fake"]["hyps"], runs["w8a8-int8"]["hyps"]))
+    same_head = sum(a == b for a, b in zip(runs["w8a8-fake"]["hyps"], runs["w8a8-int8-head"]["hyps"]))
     out = args.out or RESULTS / "esc-speed.json"
     write_json(out, {"benchmark": "esc-speed", "created": now(), "command": " ".join(["python", *sys.argv]),
                      "machine": machine_info(), "model": model, "checkpoint_recipe": cell.keys(),
                      "data": f"asterisk:test@{args.speed_utts}", "decoding": greedy.label, "batch_size": 1,
-                     "threads": 1, "int8_linears": n, "int8_head": bool(n_head), "transcripts_same_int8_vs_fake": same, "n_utts": len(audios),
+                     "threads": 1, "int8_linears": n, "transcripts_same_int8_vs_fake": same,
+                     "transcripts_same_int8_head_vs_fake": same_head, "n_utts": len(audios),
                      "runs": {k: {kk: vv for kk, vv in v.items() if kk != "hyps"} for k, v in runs.items()},
                      "transcripts": {k: v["hyps"] for k, v in runs.items()}})
-    print(f"int8 vs fake quantization: {same}/{len(audios)} transcripts identical; wrote {out}")
+    print(f"int8 vs fake quantization: {same}/{len(audios)} transcripts identical ({same_head} with the int8 head); "
+          f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -154,7 +154,10 @@ class Cell:
         """A directory name for the checkpoint, unique per recipe."""
         parts = [f"{k}={v}" for k, v in self.keys().items() if v is not None and k != "calib"]
         calib = hashlib.sha1("+".join(self.calib).encode()).hexdigest()[:6] if self.calibrated else ""
-        return "-".join(parts + ([f"calib={calib}"] if calib else [])).replace("/", "_").replace(":", "_")
+        tag = "-".join(parts + ([f"calib={calib}"] if calib else [])).replace("/", "_").replace(":", "_")
+        if len(tag) > 180:  # room for staging and state names beside it within 255 bytes: hash the tail
+            tag = f"{tag[:150]}-{hashlib.sha1(tag.encode()).hexdigest()[:12]}"
+        return tag
 
     def quantize_command(self, out: Path) -> list[str]:
         cmd = [sys.executable, "-m", "quasr", "quantize", "--model", self.model, "--method", self.method,

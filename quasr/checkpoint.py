@@ -217,9 +217,9 @@ def _collect_tensors(model, fp_dtype: torch.dtype) -> tuple[dict[str, torch.Tens
             continue
         seen[id(t)] = key
         t = t.detach()
-        if any(key.startswith(p) for p in quant_prefixes):
-            quant_keys.add(key)
-            if key.endswith(".bias"):
+        if any(key.startswith(p) for p in quant_prefixes) or key.endswith(".input_scale"):
+            quant_keys.add(key)  # an activation scale is part of the quantization: float32, like biases
+            if key.endswith((".bias", ".input_scale")):
                 t = t.to(torch.float32)
         elif t.is_floating_point() and t.dtype != fp_dtype:
             cast = t.to(fp_dtype)

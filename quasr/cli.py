@@ -97,6 +97,8 @@ def _checkpoint_recipe(asr) -> dict:
                       pad_stride=q.get("pad_stride"))
     if q:
         recipe["embedding_bits"] = q.get("embedding_bits")
+    if q.get("act_bits"):  # quantized activations: which, and how their scales were set
+        recipe.update(act_bits=q["act_bits"], act_mode=q.get("act_mode"), act_calibrator=q.get("act_calibrator"))
     return recipe
 
 
@@ -117,6 +119,8 @@ def eval_cmd(
     compute_type: str = typer.Option("default", help="ctranslate2: the compute type (default, int8, float32, ...)"),
     int8: bool = typer.Option(False, "--int8", help="A W8A8 checkpoint (8-bit per-row weights, static 8-bit inputs): "
                                                     "run its Linears as int8 matrix products"),
+    int8_head: bool = typer.Option(False, "--int8-head", help="With --int8: the tied output head too, its input "
+                                                              "quantized per token (not the checkpoint's arithmetic)"),
     errors: int = typer.Option(0, "--errors", help="Also list the N most frequent rare-word errors "
                                                    "(reference word -> hypothesis)"),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable items (counted, reported)"),
@@ -150,7 +154,7 @@ def eval_cmd(
             from quasr.errors import UsageError
             from quasr.quant.modules import enable_int8
 
-            n_linear, n_head = enable_int8(asr.model)
+            n_linear, n_head = enable_int8(asr.model, head=int8_head)
             if not n_linear:
                 raise UsageError(f"--int8: {model} has no layer with 8-bit per-row weights and static 8-bit inputs "
                                  f"(quantize with --bits 8 --group-size 0 --sym --act-bits 8)")

@@ -125,6 +125,9 @@ class QuantConfig:
             from quasr.quant.activations import CALIBRATORS, check_bits
 
             check_bits(self.act_bits)
+            if self.layers != "all":
+                bad("act_bits", f"activation quantization covers the whole model (the conv stem and every Linear); "
+                                f"it cannot be combined with --layers {self.layers}")
             if self.act_mode not in ("static", "dynamic"):
                 bad("act_mode", f"activation mode must be static or dynamic, got {self.act_mode!r}")
             if self.act_calibrator not in CALIBRATORS + ("esc",):

@@ -142,6 +142,10 @@ def test_w8a8_checkpoint_carries_its_activation_scales(tmp_path):
     scales2 = {n: float(m.input_scale) for n, m in back.model.named_modules()
                if isinstance(m, (QuantizedLinear, QuantizedInput))}
     assert scales2 == scales
+    checkpoint.save(asr, tmp_path / "ck16", fp_dtype=torch.float16)  # activation scales stay float32
+    back16 = checkpoint.load(tmp_path / "ck16")
+    assert {n: float(m.input_scale) for n, m in back16.model.named_modules()
+            if isinstance(m, (QuantizedLinear, QuantizedInput))} == scales
     assert all(m.act_bits == 8 for m in back.model.modules() if isinstance(m, (QuantizedLinear, QuantizedInput)))
     u = _calib(1)[0]
     b1, b2 = asr.training_batch([u]), back.training_batch([u])
@@ -207,6 +211,7 @@ def test_esc_search_resumes_after_a_kill_to_the_same_scales(tmp_path, monkeypatc
     (["--act-bits", "8", "--act-calibrator", "kl"], "unknown activation calibrator 'kl'"),
     (["--act-bits", "8", "--act-calibrator", "esc", "--esc-budget", "0"], "budget must be a positive"),
     (["--act-bits", "8", "--act-mode", "tokenwise"], "static or dynamic"),
+    (["--act-bits", "8", "--layers", "decoder"], "cannot be combined with --layers decoder"),
 ])
 def test_bad_activation_settings_fail_before_any_work(tmp_path, args, message):
     t = time.perf_counter()

@@ -34,3 +34,18 @@ def test_a_peer_without_its_venv_gets_an_error_record(tmp_path):
     res = _run(out, "--retry-failed")  # ...but is with --retry-failed (and fails again, recorded once)
     assert res.returncode == 0 and res.stdout.count("==") == 3
     assert len(json.loads(out.read_text())["records"]) == len(recs)
+
+
+def test_a_failure_never_overwrites_a_measured_set(tmp_path):
+    from quasr.bench import OPTION_KEYS
+    from quasr.results import ResultsFile, record
+
+    out = tmp_path / "peers.json"
+    rf = ResultsFile(out, "peers", option_keys=OPTION_KEYS + ("peer", "scheme"))
+    keys = dict(model="whisper-tiny.en", method="hqq:4bit-g64", peer="hqq", scheme="4bit-g64", bits=4, group_size=64)
+    rf.add(record(**keys, decoding="standard", data="asterisk:test", speaker=None, wer=12.3))
+    res = _run(out, "--retry-failed")
+    assert res.returncode == 0, res.stderr
+    recs = {(r["method"], r["data"]): r for r in json.loads(out.read_text())["records"]}
+    assert recs["hqq:4bit-g64", "asterisk:test"].get("wer") == 12.3 and "error" not in recs["hqq:4bit-g64", "asterisk:test"]
+    assert "no venv for" in recs["hqq:4bit-g64", "tts:test"]["error"]

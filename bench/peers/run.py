@@ -69,8 +69,9 @@ def ct2_dir(name: str) -> Path:
     return out
 
 
-def failed(results: ResultsFile, keys: dict, data, decoding: str, error: str, seconds: float) -> None:
-    for d, _ in data:
+def failed(results: ResultsFile, keys: dict, sets: list[str], decoding: str, error: str, seconds: float) -> None:
+    """Error records for the sets not measured (a set already scored keeps its record)."""
+    for d in sets:
         results.add(record(**keys, decoding=decoding, data=d, speaker=None, error=error[-2000:],
                            seconds_before_failing=round(seconds, 1)))
 
@@ -118,12 +119,15 @@ def main() -> None:
                            "--compute-type", scheme, *[x for d, _ in data for x in ("--data", d)],
                            "--decoding", args.decoding,
                            "--out", str(out.with_suffix(f".{model}.{scheme}.tmp.json"))]
-                    if args.limit:
-                        cmd += ["--limit", str(args.limit)]
+                    limits = {n for _, n in data}
+                    if len(limits) > 1:
+                        raise SystemExit("error: CTranslate2 cells take one --limit for every set, not per-set @N")
+                    if limits != {None}:
+                        cmd += ["--limit", str(limits.pop())]
                 else:
                     py = VENVS / peer / "bin" / "python"
                     if not py.exists():
-                        failed(results, keys, data, dec, f"no venv for {peer}: run bash bench/peers/setup.sh {peer}", 0)
+                        failed(results, keys, todo, dec, f"no venv for {peer}: run bash bench/peers/setup.sh {peer}", 0)
                         continue
                     cmd = [str(py), str(Path(__file__).parent / "runner.py"), "--peer", peer, "--scheme", scheme,
                            "--model", model, "--path", str(path), "--out", str(out), "--data", args.data,
@@ -134,7 +138,7 @@ def main() -> None:
                 if proc.returncode != 0:
                     err = (proc.stderr or proc.stdout).strip()
                     print(f"   failed: {err.splitlines()[-1] if err else proc.returncode}", flush=True)
-                    failed(results, keys, data, dec, err, time.perf_counter() - t)
+                    failed(results, keys, todo, dec, err, time.perf_counter() - t)
                     continue
                 if peer == "ctranslate2":
                     tmp = out.with_suffix(f".{model}.{scheme}.tmp.json")

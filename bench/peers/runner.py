@@ -88,6 +88,7 @@ def main() -> None:
     calib = _calibration(args.calib.split(","), args.n_calib, args.seed, False) if calibrates else []
     asr = load_model(args.path)
     asr.name = args.model
+    n_weights = sum(p.numel() for p in {id(p): p for p in asr.model.parameters()}.values())
     with torch.no_grad():  # quasr builds the weights as inference tensors; the tools need ordinary ones
         for p in asr.model.parameters():
             p.data = p.data.clone()
@@ -96,7 +97,6 @@ def main() -> None:
     quant_seconds = time.perf_counter() - t
     asr.model.eval()
     size, size_note = saved_bytes(args.peer, asr.model)
-    n_weights = sum(p.numel() for p in {id(p): p for p in load_model(args.path).model.parameters()}.values())
     extra = {"peer": args.peer, "scheme": args.scheme, "scheme_desc": desc, "quant_seconds": round(quant_seconds, 2),
              "size_mb": round(size / 1e6, 2), "bits_per_weight": round(8 * size / n_weights, 3),
              "size_note": size_note,

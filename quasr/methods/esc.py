@@ -32,7 +32,7 @@ from quasr.quant.grid import QuantConfigError
 
 @dataclass
 class EscOptions:
-    budget: int = 100          # fitness evaluations
+    budget: int = 100          # fitness evaluations of the search (the final mean is evaluated once more)
     population: int | None = None  # None: 4 + floor(3 ln n)
     subset: int = 16           # held-in calibration utterances the fitness is computed on
     sigma: float = 0.1
@@ -65,7 +65,7 @@ class EscOptions:
             raise QuantConfigError(f"the ESC fitness is ce or wer, got {self.fitness!r}", option="esc_fitness")
 
 
-def _fingerprint(asr, names: list[str], base: dict[str, float], cfg, opts: EscOptions) -> str:
+def _fingerprint(asr, names: list[str], base: dict[str, float], cfg, opts: EscOptions, held=()) -> str:
     """What a saved search belongs to: the quantized weights, the layers, the starting scales and the recipe (not
     the budget: a resumed search may be given more evaluations)."""
     h = hashlib.sha256()
@@ -74,7 +74,9 @@ def _fingerprint(asr, names: list[str], base: dict[str, float], cfg, opts: EscOp
             h.update(n.encode())
             h.update(m.weight_packed[:4].numpy().tobytes())
             h.update(m.weight_packed[-4:].numpy().tobytes())
-    h.update(json.dumps([names, [round(base[n], 12) for n in names], cfg.act_bits, cfg.method, cfg.bits,
+    # the starting scales to 6 significant digits: the same recipe on another thread count may move their last bits
+    h.update(json.dumps([names, [float(f"{base[n]:.6g}") for n in names], [u.id for u in held], cfg.act_bits,
+                         cfg.method, cfg.bits,
                          cfg.group_size, {k: v for k, v in asdict(opts).items() if k not in ("state", "budget")}]).encode())
     return h.hexdigest()
 
@@ -121,7 +123,7 @@ def search(asr, modules: dict, local: dict[str, float], calib, opts: EscOptions,
     if opts.budget < 1 + pop:
         raise QuantConfigError(f"an ESC budget of {opts.budget} evaluations does not fit one generation: the start "
                                f"and a population of {pop} ({dim} scales) need at least {1 + pop}", option="esc_budget")
-    fp = _fingerprint(asr, names, local, cfg, opts)
+    fp = _fingerprint(asr, names, local, cfg, opts, held)
     state_path = Path(opts.state) if opts.state else None
     t0 = time.perf_counter()
     if state_path is not None and state_path.exists():

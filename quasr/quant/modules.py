@@ -185,8 +185,10 @@ def int8_codes_t(m: "_PackedRows") -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def int8_matmul(xq: torch.Tensor, wq_t: torch.Tensor) -> torch.Tensor:
-    """int8 [M, K] × int8 [K, N] -> int32 [M, N] (torch._int_mm, which wants more than 16 rows in multiples
-    of 8: the rows are zero-padded and cut again)."""
+    """int8 [M, K] × int8 [K, N] -> int32 [M, N] with torch._int_mm (on CUDA it wants more than 16 rows in
+    multiples of 8: there the rows are zero-padded and cut again; the CPU kernel takes any number)."""
+    if not xq.is_cuda:
+        return torch._int_mm(xq, wq_t)
     pad = (-xq.shape[0]) % 8
     if xq.shape[0] + pad <= 16:
         pad += 24 - (xq.shape[0] + pad)
@@ -414,14 +416,16 @@ class TiedQuantizedHead(nn.Module):
 QUANTIZED_TYPES = (QuantizedLinear, QuantizedEmbedding, TiedQuantizedHead, QuantizedInput)
 
 
-def enable_int8(model: nn.Module) -> tuple[int, int]:
-    """Run every module that can as int8 matrix products (QuantizedLinear with 8-bit per-row weights and a static
-    8-bit input scale; the tied head with 8-bit per-row rows); returns (Linears, heads) switched."""
+def enable_int8(model: nn.Module, head: bool = False) -> tuple[int, int]:
+    """Run every QuantizedLinear that can (8-bit per-row weights, a static 8-bit input scale) as int8 matrix
+    products: the checkpoint's own arithmetic. head=True also runs the tied output head as one, with its input
+    quantized per token: that is a different model (the checkpoint's head takes float inputs), so it is opt-in.
+    Returns (Linears, heads) switched."""
     n_lin = n_head = 0
     for m in model.modules():
         if isinstance(m, QuantizedLinear) and m.int8_ready():
             m.int8, n_lin = True, n_lin + 1
-        elif isinstance(m, TiedQuantizedHead) and m.int8_ready():
+        elif head and isinstance(m, TiedQuantizedHead) and m.int8_ready():
             m.int8, n_head = True, n_head + 1
     return n_lin, n_head
 
