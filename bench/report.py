@@ -1,6 +1,6 @@
 """Markdown tables for the README from the committed results files (no model runs).
 
-    python bench/report.py                     # the ptq tables
+    python bench/report.py                     # the ptq and esc tables
     python bench/report.py --readme            # rewrite them in README.md between the results markers
     python bench/report.py ptq-greedy --decoding greedy   # an archived file
 
@@ -517,7 +517,7 @@ TITLES = {"baseline": "Full precision", "ptq": "Weight-only post-training quanti
           "esc": "ESC: full-integer quantization (weights and activations)",
           "peers": "Side by side with the tools users pick today"}
 START, END = "<!-- results:start -->", "<!-- results:end -->"
-DEFAULT = ["ptq"]
+DEFAULT = ["ptq", "esc"]
 
 
 def report(names: list[str], required: bool = True, decoding: str | None = None, resamples: int = 10_000) -> str:
