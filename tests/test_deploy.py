@@ -114,3 +114,17 @@ def test_export_cli_errors_name_the_problem(q4_ckpt, tmp_path):
     assert r.returncode == 2 and "--format 'onnx'" in r.stdout + r.stderr
     r = run(str(q4_ckpt), str(tmp_path / "o.bin"), "--format", "ggml", "--type", "q8_0")
     assert r.returncode == 2 and "--target ggml-q8_0" in r.stdout + r.stderr and not (tmp_path / "o.bin").exists()
+
+
+def test_runtimes_take_their_thread_count_from_omp_num_threads(monkeypatch):
+    """A runtime beside other work uses OMP_NUM_THREADS (as torch does), not every CPU."""
+    import os
+
+    from quasr.deploy.runtimes import _threads
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert _threads() == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "not-a-number")
+    assert _threads() == len(os.sched_getaffinity(0))
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert _threads() == len(os.sched_getaffinity(0))

@@ -33,6 +33,10 @@ class RuntimeError_(QuasrError, ValueError):
 
 
 def _threads() -> int:
+    """OMP_NUM_THREADS when set (so a runtime shares the machine as torch does), else every CPU we may use."""
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
 
 
