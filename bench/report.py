@@ -211,9 +211,9 @@ def ptq(path: Path, decoding: str | None = None, resamples: int = 10_000, refs: 
 
     models = list(dict.fromkeys(r["model"] for r in recs))
     own = [k for k in recipes if k in groups]
-    order = sorted(own, key=lambda k: (models.index(k[0]), -(k[2] or 99)))
-    acc, pair, cost = [], [], []
     runtime_of = RECIPE_KEYS.index("runtime")
+    order = sorted(own, key=lambda k: (models.index(k[0]), str(k[runtime_of] or ""), -(k[2] or 99)))
+    acc, pair, cost = [], [], []
     fp_speed = {(k[0], k[runtime_of], s): rec.mean_std("sec_per_utt")[0] for k, by in recipes.items() if k[1] == "fp"
                 for s, rec in by.items()}
     for key in order:
@@ -390,6 +390,8 @@ def pqm(path: Path, decoding: str | None = None, resamples: int = 10_000) -> str
 
 
 def ref_name(r: str) -> str:
+    if r == "rtn-runtime":
+        return "the runtime's own rounding"
     return f"{r[4:]} calibrator" if r.startswith("act:") else r.upper()
 
 

@@ -71,10 +71,14 @@ class WhisperCppAsr(AsrModel):
                 "entropy_thold": d.compression_ratio_threshold if d.compression_ratio_threshold is not None else 9e9,
                 "logprob_thold": d.logprob_threshold if d.logprob_threshold is not None else -9e9,
                 "no_speech_thold": d.no_speech_threshold if d.no_speech_threshold is not None else 1.0,
-                "no_context": not d.condition_on_previous_text, "no_timestamps": not d.timestamps,
+                # whisper.cpp keeps the past text in its state across calls unless no_context (its default): the
+                # previous file's text would prompt the next file. Every file is decoded on its own; a file
+                # longer than one window is then not conditioned on its earlier windows either.
+                "no_context": True, "no_timestamps": not d.timestamps,
                 "greedy": {"best_of": 1}, "beam_search": {"beam_size": d.beams, "patience": -1.0},
                 "language": "en", "n_threads": self.threads,
-                "note": "fallback by token entropy (entropy_thold), not by the text's compression ratio"}
+                "note": "fallback by token entropy (entropy_thold), not by the text's compression ratio; "
+                        "no conditioning on previous text (whisper.cpp's default)"}
 
     def transcribe(self, audios: Sequence[np.ndarray], batch_size: int = 8, decoding: Decoding | None = None,
                    progress: bool = True, desc: str = "transcribe") -> list[str]:
