@@ -406,7 +406,8 @@ def _compare_table(fp, q, label: str, title: str):
         bw = better_worse(eb, ea)
         tab.add_row(a.data, str(a.n_utts), f(a.counts.wer), f(b.counts.wer), str(ci), f"{bw[0]} / {bw[1]}",
                     f(a.counts.rare_wer), f(b.counts.rare_wer),
-                    f"{a.windows()['n_fallback_windows']} / {b.windows()['n_fallback_windows']}",
+                    " / ".join("-" if x is None else str(x) for x in (a.windows()["n_fallback_windows"],
+                                                                      b.windows()["n_fallback_windows"])),
                     f(a.sec_per_utt), f(b.sec_per_utt))
     return tab
 

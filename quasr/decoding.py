@@ -136,9 +136,10 @@ class Transcript:
 
     text: str
     windows: int = 1            # 30 s windows decoded (more than one only for long audio or a resumed window)
-    fallbacks: int = 0          # decodes at a higher temperature, summed over windows
-    fallback_windows: int = 0   # windows decoded again at least once
-    skipped_windows: int = 0    # windows judged silent (no-speech check) and left out of the text
+    fallbacks: int | None = 0          # decodes at a higher temperature, summed over windows
+    fallback_windows: int | None = 0   # windows decoded again at least once
+    skipped_windows: int | None = 0    # windows judged silent (no-speech check) and left out of the text
+    # (None: the model or runtime does not report it, e.g. whisper.cpp and faster-whisper)
     temperature: float | None = None  # the temperature of the last window's final decode
 
     def to_dict(self) -> dict:

@@ -26,10 +26,13 @@ class SetResult:
         """Decoding windows of the set: decoded, decoded again at a higher temperature (at least once), and
         skipped as silent; plus the total number of fallback decodes."""
         us = self.utterances
-        return {"n_windows": sum(u.get("windows", 1) for u in us),
-                "n_fallback_windows": sum(u.get("fallback_windows", 0) for u in us),
-                "n_fallbacks": sum(u.get("fallbacks", 0) for u in us),
-                "n_skipped_windows": sum(u.get("skipped_windows", 0) for u in us)}
+
+        def total(key: str, default: int = 0) -> int | None:  # None when the model did not report it
+            v = [u.get(key, default) for u in us]
+            return None if any(x is None for x in v) else sum(v)
+
+        return {"n_windows": total("windows", 1), "n_fallback_windows": total("fallback_windows"),
+                "n_fallbacks": total("fallbacks"), "n_skipped_windows": total("skipped_windows")}
 
     @property
     def n_utts(self) -> int:
@@ -107,6 +110,7 @@ def print_tables(results: list[SetResult], title: str = "", console=None) -> Non
 
     console = console or Console(width=None if sys.stdout.isatty() else 140)
     fmt = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
+    count = lambda x: "-" if x is None else str(x)  # noqa: E731  (None: not reported, e.g. by a runtime)
     t = Table(title=title or None)
     for col in ("set", "utts", "words", "WER %", "rare words", "rare-WER %", "common-WER %", "windows", "fell back",
                 "silent", "s/utt", "skipped"):
@@ -114,8 +118,8 @@ def print_tables(results: list[SetResult], title: str = "", console=None) -> Non
     for r in results:
         w = r.windows()
         t.add_row(r.data, str(r.n_utts), str(r.counts.n_ref), fmt(r.counts.wer), str(r.counts.n_rare_ref),
-                  fmt(r.counts.rare_wer), fmt(r.counts.common_wer), str(w["n_windows"]), str(w["n_fallback_windows"]),
-                  str(w["n_skipped_windows"]), f"{r.sec_per_utt:.2f}", str(len(r.skipped)))
+                  fmt(r.counts.rare_wer), fmt(r.counts.common_wer), str(w["n_windows"]), count(w["n_fallback_windows"]),
+                  count(w["n_skipped_windows"]), f"{r.sec_per_utt:.2f}", str(len(r.skipped)))
     if len(results) > 1:
         t.add_row("mean over sets", "", "", fmt(metrics.mean_over_sets([r.counts.wer for r in results])), "",
                   fmt(metrics.mean_over_sets([r.counts.rare_wer for r in results])),

@@ -137,3 +137,25 @@ def test_runtimes_take_their_thread_count_from_omp_num_threads(monkeypatch):
     assert _threads() == len(os.sched_getaffinity(0))
     monkeypatch.delenv("OMP_NUM_THREADS")
     assert _threads() == len(os.sched_getaffinity(0))
+
+
+def test_runtime_transcripts_say_fallbacks_were_not_reported():
+    """whisper.cpp and faster-whisper fall back inside their own code and do not say so: a set decoded in them
+    counts its fallbacks as not reported (None), not as zero."""
+    from quasr import metrics
+    from quasr.deploy.runtimes import WhisperCppAsr
+    from quasr.evaluate import SetResult
+
+    class Fake(WhisperCppAsr):
+        def __init__(self):
+            pass
+
+        def transcribe(self, audios, *a, **k):
+            return ["hello"] * len(audios)
+
+    ts = Fake().transcribe_detailed([np.zeros(16000)] * 2)
+    assert [t.text for t in ts] == ["hello", "hello"] and all(t.fallbacks is None for t in ts)
+    r = SetResult("x", metrics.WordCounts(), {}, [t.to_dict() for t in ts], 1.0)
+    assert r.windows() == {"n_windows": 2, "n_fallback_windows": None, "n_fallbacks": None, "n_skipped_windows": None}
+    measured = SetResult("x", metrics.WordCounts(), {}, [{"windows": 1, "fallback_windows": 1, "fallbacks": 2}], 1.0)
+    assert measured.windows()["n_fallback_windows"] == 1 and measured.windows()["n_fallbacks"] == 2

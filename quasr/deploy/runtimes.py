@@ -40,7 +40,19 @@ def _threads() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
 
 
-class WhisperCppAsr(AsrModel):
+class _RuntimeAsr(AsrModel):
+    """A runtime falls back and skips silent windows inside its own code and does not report it: the
+    transcripts say None (not reported), not 0."""
+
+    def transcribe_detailed(self, audios, batch_size: int = 8, decoding=None, progress: bool = True,
+                            desc: str = "transcribe") -> list:
+        from quasr.decoding import Transcript
+
+        return [Transcript(t, fallbacks=None, fallback_windows=None, skipped_windows=None)
+                for t in self.transcribe(audios, batch_size, decoding, progress, desc)]
+
+
+class WhisperCppAsr(_RuntimeAsr):
     family = "whisper.cpp"
 
     def __init__(self, path: str | Path, threads: int | None = None):
@@ -95,7 +107,7 @@ class WhisperCppAsr(AsrModel):
         return out
 
 
-class FasterWhisperAsr(AsrModel):
+class FasterWhisperAsr(_RuntimeAsr):
     family = "ctranslate2"
 
     def __init__(self, path: str | Path, compute_type: str = "default", threads: int | None = None):
