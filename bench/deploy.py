@@ -2,6 +2,7 @@
 
     python bench/deploy.py                        # tiny.en and base -> bench/results/deploy.json
     python bench/deploy.py --models whisper-tiny.en --limit 20 --seeds 0   # a quick look
+    python bench/deploy.py --types q4_0,ct2      # only these files (in this order; the f16 reference with ggml types)
 
 whisper.cpp (pywhispercpp): f16; its own rounding (ggml's reference quantizer, as its quantize tool) to q4_0,
 q4_1, q5_0, q8_0; and quasr's GPTQ codes quantized for the same types (`quasr quantize --target ggml-TYPE`).
@@ -68,9 +69,13 @@ def main() -> None:
     arguments(ap)
     ap.set_defaults(models="whisper-tiny.en,whisper-base")
     ap.add_argument("--method", default="gptq", help="quasr's calibrated method for the runtime files")
+    ap.add_argument("--types", default=",".join(GGML_TYPES + ("ct2",)),
+                    help="which files, in this order: ggml types (q4_0,q4_1,q5_0,q8_0) and ct2 (faster-whisper)")
     args = ap.parse_args()
+    types = [t.strip() for t in args.types.split(",") if t.strip()]
+    if bad := [t for t in types if t not in GGML_TYPES + ("ct2",)]:
+        raise SystemExit(f"error: --types: unknown {', '.join(bad)} (of {', '.join(GGML_TYPES + ('ct2',))})")
     quiet_transformers()
-    from quasr.deploy.ct2 import export_ct2
     from quasr.deploy.ggml import export_ggml
 
     decoding = parse_decoding(args.decoding)
@@ -81,11 +86,14 @@ def main() -> None:
     files = cache_dir("bench", "deploy", "files")
     for model in args.models.split(","):
         base = dict(model=model, group_size=None)
-        # whisper.cpp
-        run(results, dict(base, method="fp", bits=16, runtime="whispercpp", rtype="f16"),
-            lambda: export_ggml(model, files / f"{model}-f16.bin", "f16") and files / f"{model}-f16.bin",
-            "whispercpp", "default", data, decoding)
-        for t in GGML_TYPES:
+        if any(t in GGML_TYPES for t in types):  # whisper.cpp's reference: f16
+            run(results, dict(base, method="fp", bits=16, runtime="whispercpp", rtype="f16"),
+                lambda: export_ggml(model, files / f"{model}-f16.bin", "f16") and files / f"{model}-f16.bin",
+                "whispercpp", "default", data, decoding)
+        for t in types:
+            if t == "ct2":
+                ct2(results, args, model, seeds, files, data, decoding)
+                continue
             bits, gs = int(t[1]), 32
             f = files / f"{model}-own-{t}.bin"
             run(results, dict(base, method="rtn-runtime", bits=bits, group_size=gs, runtime="whispercpp", rtype=t),
@@ -96,19 +104,25 @@ def main() -> None:
                 run(results, dict(base, method=args.method, bits=bits, group_size=gs, seed=seed, runtime="whispercpp",
                                   rtype=t, calib="+".join(args.calib.split(",")), n_calib=args.n_calib),
                     lambda f=f, t=t, ck=ck: export_ggml(ck(), f, t) and f, "whispercpp", "default", data, decoding)
-        # faster-whisper / CTranslate2
-        d32 = files / f"{model}-ct2-float32"
-        run(results, dict(base, method="fp", bits=32, runtime="ctranslate2", rtype="float32"),
-            lambda: export_ct2(model, d32, "float32") and d32, "ctranslate2", "float32", data, decoding)
-        d8 = files / f"{model}-ct2-own-int8"
-        run(results, dict(base, method="rtn-runtime", bits=8, runtime="ctranslate2", rtype="int8"),
-            lambda: export_ct2(model, d8, "int8") and d8, "ctranslate2", "int8", data, decoding)
-        for seed in seeds:
-            dq = files / f"{model}-ct2-{args.method}-int8-s{seed}"
-            ck = lambda seed=seed: checkpoint_for(results, args, model, args.method, "ct2-int8", seed)  # noqa: E731
-            run(results, dict(base, method=args.method, bits=8, seed=seed, runtime="ctranslate2", rtype="int8",
-                              calib="+".join(args.calib.split(",")), n_calib=args.n_calib),
-                lambda dq=dq, ck=ck: export_ct2(ck(), dq, "int8") and dq, "ctranslate2", "int8", data, decoding)
+
+
+def ct2(results, args, model: str, seeds: list[int], files: Path, data, decoding) -> None:
+    """faster-whisper / CTranslate2: float32, its own int8 rounding, quasr's int8 codes."""
+    from quasr.deploy.ct2 import export_ct2
+
+    base = dict(model=model, group_size=None)
+    d32 = files / f"{model}-ct2-float32"
+    run(results, dict(base, method="fp", bits=32, runtime="ctranslate2", rtype="float32"),
+        lambda: export_ct2(model, d32, "float32") and d32, "ctranslate2", "float32", data, decoding)
+    d8 = files / f"{model}-ct2-own-int8"
+    run(results, dict(base, method="rtn-runtime", bits=8, runtime="ctranslate2", rtype="int8"),
+        lambda: export_ct2(model, d8, "int8") and d8, "ctranslate2", "int8", data, decoding)
+    for seed in seeds:
+        dq = files / f"{model}-ct2-{args.method}-int8-s{seed}"
+        ck = lambda seed=seed: checkpoint_for(results, args, model, args.method, "ct2-int8", seed)  # noqa: E731
+        run(results, dict(base, method=args.method, bits=8, seed=seed, runtime="ctranslate2", rtype="int8",
+                          calib="+".join(args.calib.split(",")), n_calib=args.n_calib),
+            lambda dq=dq, ck=ck: export_ct2(ck(), dq, "int8") and dq, "ctranslate2", "int8", data, decoding)
 
 
 if __name__ == "__main__":
