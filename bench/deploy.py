@@ -38,10 +38,19 @@ def checkpoint_for(results: ResultsFile, args, model: str, method: str, target: 
 
     from quasr.cli import TARGETS
 
+    import json
+    import shutil
+
     g = TARGETS[target]
     c = cell(args, model, method, g["bits"], seed=seed, group_size=g["group_size"] or None)
-    out = cache_dir("bench", "deploy", "ckpt") / f"{model}-{method}-{target}-s{seed}"
-    if not (out / "quasr_checkpoint.json").exists():
+    out = cache_dir("bench", "deploy", "ckpt") / f"{c.tag}-{target}"  # the whole recipe names the cache entry
+    meta = out / "quasr_checkpoint.json"
+    if meta.exists():  # a checkpoint of an older grid rule (e.g. before q4_0's signed-max scales) is made again
+        recipe = json.loads(meta.read_text()).get("recipe", {})
+        if bool(recipe.get("signed_max", False)) != bool(g.get("signed_max", False)):
+            print(f"== {out.name}: cached with another grid rule, quantizing again", flush=True)
+            shutil.rmtree(out)
+    if not meta.exists():
         cmd = c.quantize_command(out) + ["--target", target]
         print(f"== {out.name}: quantizing", flush=True)
         r = subprocess.run(cmd, capture_output=True, text=True)

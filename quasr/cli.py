@@ -246,8 +246,11 @@ def _quant_config(method: str, bits: int, group_size: int | None, alpha, embeddi
 
 
 TARGETS = {  # a runtime's weight format -> the quasr grid that is exactly (or, for q*_1, nearly) its arithmetic
-    "ggml-q4_0": dict(bits=4, group_size=32, sym=True), "ggml-q4_1": dict(bits=4, group_size=32, sym=False),
-    "ggml-q5_0": dict(bits=5, group_size=32, sym=True), "ggml-q5_1": dict(bits=5, group_size=32, sym=False),
+    # q4_0 / q5_0: ggml's scale rule too (d = m / -2^(bits-1), m the signed largest-magnitude weight of the block)
+    "ggml-q4_0": dict(bits=4, group_size=32, sym=True, signed_max=True),
+    "ggml-q4_1": dict(bits=4, group_size=32, sym=False),
+    "ggml-q5_0": dict(bits=5, group_size=32, sym=True, signed_max=True),
+    "ggml-q5_1": dict(bits=5, group_size=32, sym=False),
     "ggml-q8_0": dict(bits=8, group_size=32, sym=True), "ct2-int8": dict(bits=8, group_size=0, sym=True)}
 TARGET_HELP = ("Quantize for a runtime's format: " + ", ".join(TARGETS) + " (sets --bits, --group-size, --sym and the "
                "embedding's grid; export with quasr export)")
@@ -264,7 +267,7 @@ def _target_grid(target: Optional[str]) -> dict:
         raise QuantConfigError(f"unknown target {target!r} (choose from {', '.join(TARGETS)})", option="target")
     g = TARGETS[target]
     return dict(g, embedding_bits=g["bits"], embedding_group_size=g["group_size"] or None,
-                embedding_sym=g["sym"])
+                embedding_sym=g["sym"], signed_max=g.get("signed_max", False))
 
 
 def _layer_table(report, max_rows: int = 200):

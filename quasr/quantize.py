@@ -56,6 +56,7 @@ class QuantConfig:
     group_size: int | None = 128
     sym: bool = False
     mse: bool = False
+    signed_max: bool = False             # symmetric grids (weights and embedding): ggml's q4_0/q5_0 scale rule
     act_order: bool = False
     alpha: float | None = None           # QEP / GPTAQ strength (method default when None)
     percdamp: float = 0.01
@@ -78,7 +79,7 @@ class QuantConfig:
     options: dict = field(default_factory=dict)  # a method's own settings (its Method.options dataclass)
 
     def grid(self) -> QuantGrid:
-        return QuantGrid(self.bits, self.group_size, self.sym, self.mse)
+        return QuantGrid(self.bits, self.group_size, self.sym, self.mse, self.signed_max and self.sym)
 
     def check(self) -> None:
         """Fail on any setting that cannot work, naming it, before any work is done."""
@@ -341,7 +342,8 @@ def quantize_(asr, cfg: QuantConfig, calib=(), progress: bool = True, on_layer=N
 
             qe = nf4_quantize(fp_embed, cfg.embedding_group_size or 64, name=name)
         else:
-            qe = rtn(fp_embed, QuantGrid(cfg.embedding_bits, cfg.embedding_group_size, cfg.embedding_sym), name)
+            qe = rtn(fp_embed, QuantGrid(cfg.embedding_bits, cfg.embedding_group_size, cfg.embedding_sym,
+                                         signed_max=cfg.signed_max and cfg.embedding_sym), name)
         with torch.no_grad():
             embed.weight.copy_(qe.dequantize())  # tied: the output head sees the quantized rows too
         quantized[name] = qe

@@ -2,7 +2,10 @@
 
 Conventions (as the GPTQ reference code): codes are unsigned integers in [0, 2^bits - 1];
 w ≈ scale * (code - zero). Asymmetric: scale = (max - min) / (2^bits - 1), zero = round(-min / scale).
-Symmetric: scale = 2 * max|w| / (2^bits - 1), zero = 2^(bits - 1). Parameters are fitted per output row and
+Symmetric: scale = 2 * max|w| / (2^bits - 1), zero = 2^(bits - 1); with `signed_max` (ggml's q4_0 / q5_0 rule)
+scale = m / -2^(bits - 1) for m the signed value of largest magnitude, which then lands exactly on code 0 (the
+scale is negative when m is positive), so the grid's 2^bits levels are spaced max|w| / 2^(bits - 1) and the
+largest weight is never clipped. Parameters are fitted per output row and
 per group of `group_size` consecutive input columns (None: one group per row, "per channel").
 """
 from __future__ import annotations
@@ -28,8 +31,11 @@ class QuantGrid:
     group_size: int | None = 128  # None: per output channel
     sym: bool = False
     mse: bool = False             # shrink the range while the rounding error falls (MSE clipping search)
+    signed_max: bool = False      # symmetric: scale from the signed largest-magnitude value (ggml's q4_0/q5_0)
 
     def __post_init__(self):
+        if self.signed_max and (not self.sym or self.mse):
+            raise QuantConfigError("signed_max is a rule for symmetric grids without the MSE search")
         if not 2 <= self.bits <= 8:
             raise QuantConfigError(f"bits must be between 2 and 8, got {self.bits}")
         if self.group_size is not None and self.group_size <= 0:
@@ -85,6 +91,11 @@ def fit_params(w: torch.Tensor, grid: QuantGrid) -> tuple[torch.Tensor, torch.Te
     """Scale and zero for each row of w ([rows, cols] -> [rows], [rows]) over all of its columns."""
     w = w.float()
     maxq = grid.maxq
+    if grid.sym and grid.signed_max:
+        half = (maxq + 1) // 2
+        m = w.gather(1, w.abs().argmax(dim=1, keepdim=True)).squeeze(1)
+        m = torch.where(m.abs() < 1e-8, torch.full_like(m, -1e-8), m)
+        return m / -half, torch.full_like(m, half)
     if grid.sym:
         amax = w.abs().amax(dim=1).clamp(min=1e-8)
         scale = 2 * amax / maxq
