@@ -21,7 +21,11 @@ positional embeddings f32. Quantized tensors are rows of blocks of 32 weights:
 
 quasr's symmetric grid stores w = scale·(code − 2^(bits−1)) with a float16 scale per group: exactly q4_0, q5_0
 and q8_0 with d = scale. Its asymmetric grid, w = scale·(code − zero), becomes q4_1 / q5_1 with d = scale and
-m = −scale·zero rounded to float16: the one inexact step (m's rounding, at most 2⁻¹¹ of |m|).
+m = −scale·zero rounded to float16: the one inexact step (m's rounding, at most 2⁻¹¹ of |m|). `--target
+ggml-q4_0` / `ggml-q5_0` also fit each block's scale by ggml's rule (QuantGrid.signed_max: d = m / −2^(bits−1),
+m the block's signed largest weight, so that weight is exact; quasr's plain symmetric grid clips it when it is
+positive); quasr's round-to-nearest on that grid writes ggml's own blocks except at rounding ties (about 2 in
+10,000 weights of tiny.en), and GPTQ chooses the codes on the same grid.
 """
 from __future__ import annotations
 
