@@ -43,7 +43,7 @@ def checkpoint_for(results: ResultsFile, args, model: str, method: str, target: 
 
     g = TARGETS[target]
     c = cell(args, model, method, g["bits"], seed=seed, group_size=g["group_size"] or None)
-    out = cache_dir("bench", "deploy", "ckpt") / f"{c.tag}-{target}"  # the whole recipe names the cache entry
+    out = cache_dir("bench", "deploy", "ckpt") / f"{c.tag()}-{target}"  # the whole recipe names the cache entry
     meta = out / "quasr_checkpoint.json"
     if meta.exists():  # a checkpoint of an older grid rule (e.g. before q4_0's signed-max scales) is made again
         recipe = json.loads(meta.read_text()).get("recipe", {})
