@@ -42,7 +42,7 @@ def checkpoint_for(results: ResultsFile, args, model: str, method: str, target: 
     import shutil
 
     g = TARGETS[target]
-    c = cell(args, model, method, g["bits"], seed=seed, group_size=g["group_size"] or None)
+    c = cell(args, model, method, g["bits"], alpha=args.alpha, seed=seed, group_size=g["group_size"] or None)
     out = cache_dir("bench", "deploy", "ckpt") / f"{c.tag()}-{target}"  # the whole recipe names the cache entry
     meta = out / "quasr_checkpoint.json"
     if meta.exists():  # a checkpoint of an older grid rule (e.g. before q4_0's signed-max scales) is made again
@@ -78,6 +78,7 @@ def main() -> None:
     arguments(ap)
     ap.set_defaults(models="whisper-tiny.en,whisper-base")
     ap.add_argument("--method", default="gptq", help="quasr's calibrated method for the runtime files")
+    ap.add_argument("--alpha", type=float, default=None, help="QEP / GPTAQ strength of --method (default: its own)")
     ap.add_argument("--types", default=",".join(GGML_TYPES + ("ct2",)),
                     help="which files, in this order: ggml types (q4_0,q4_1,q5_0,q8_0) and ct2 (faster-whisper)")
     args = ap.parse_args()
@@ -111,7 +112,8 @@ def main() -> None:
                 f = files / f"{model}-{args.method}-{t}-s{seed}.bin"
                 ck = lambda seed=seed, t=t: checkpoint_for(results, args, model, args.method, f"ggml-{t}", seed)  # noqa: E731
                 run(results, dict(base, method=args.method, bits=bits, group_size=gs, seed=seed, runtime="whispercpp",
-                                  rtype=t, calib="+".join(args.calib.split(",")), n_calib=args.n_calib),
+                                  rtype=t, calib="+".join(args.calib.split(",")), n_calib=args.n_calib,
+                                  **({"alpha": args.alpha} if args.alpha is not None else {})),
                     lambda f=f, t=t, ck=ck: export_ggml(ck(), f, t) and f, "whispercpp", "default", data, decoding)
 
 
@@ -130,7 +132,8 @@ def ct2(results, args, model: str, seeds: list[int], files: Path, data, decoding
         dq = files / f"{model}-ct2-{args.method}-int8-s{seed}"
         ck = lambda seed=seed: checkpoint_for(results, args, model, args.method, "ct2-int8", seed)  # noqa: E731
         run(results, dict(base, method=args.method, bits=8, seed=seed, runtime="ctranslate2", rtype="int8",
-                          calib="+".join(args.calib.split(",")), n_calib=args.n_calib),
+                          calib="+".join(args.calib.split(",")), n_calib=args.n_calib,
+                          **({"alpha": args.alpha} if args.alpha is not None else {})),
             lambda dq=dq, ck=ck: export_ct2(ck(), dq, "int8") and dq, "ctranslate2", "int8", data, decoding)
 
 
