@@ -1,6 +1,6 @@
 """Markdown tables for the README from the committed results files (no model runs).
 
-    python bench/report.py                     # the ptq and esc tables
+    python bench/report.py                     # the ptq, esc and deploy tables
     python bench/report.py --readme            # rewrite them in README.md between the results markers
     python bench/report.py ptq-greedy --decoding greedy   # an archived file
 
@@ -519,7 +519,7 @@ TITLES = {"baseline": "Full precision", "ptq": "Weight-only post-training quanti
           "esc": "ESC: full-integer quantization (weights and activations)",
           "peers": "Side by side with the tools users pick today"}
 START, END = "<!-- results:start -->", "<!-- results:end -->"
-DEFAULT = ["ptq", "esc"]
+DEFAULT = ["ptq", "esc", "deploy"]
 
 
 def report(names: list[str], required: bool = True, decoding: str | None = None, resamples: int = 10_000) -> str:
