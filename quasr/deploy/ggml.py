@@ -24,8 +24,8 @@ and q8_0 with d = scale. Its asymmetric grid, w = scale·(code − zero), become
 m = −scale·zero rounded to float16: the one inexact step (m's rounding, at most 2⁻¹¹ of |m|). `--target
 ggml-q4_0` / `ggml-q5_0` also fit each block's scale by ggml's rule (QuantGrid.signed_max: d = m / −2^(bits−1),
 m the block's signed largest weight, so that weight is exact; quasr's plain symmetric grid clips it when it is
-positive); quasr's round-to-nearest on that grid writes ggml's own blocks except at rounding ties (about 2 in
-10,000 weights of tiny.en), and GPTQ chooses the codes on the same grid.
+positive); quasr's round-to-nearest on that grid writes ggml's own blocks except at rounding ties, and GPTQ
+chooses the codes on the same grid.
 """
 from __future__ import annotations
 
