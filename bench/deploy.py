@@ -34,12 +34,11 @@ KEYS = OPTION_KEYS + ("runtime", "rtype")
 
 def checkpoint_for(results: ResultsFile, args, model: str, method: str, target: str, seed: int) -> Path:
     """A quasr checkpoint quantized for a runtime target (quantized once, in a subprocess, and cached)."""
+    import json
+    import shutil
     import subprocess
 
     from quasr.cli import TARGETS
-
-    import json
-    import shutil
 
     g = TARGETS[target]
     c = cell(args, model, method, g["bits"], alpha=args.alpha, seed=seed, group_size=g["group_size"] or None)
