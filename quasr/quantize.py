@@ -342,7 +342,7 @@ def quantize_(asr, cfg: QuantConfig, calib=(), progress: bool = True, on_layer=N
 
             qe = nf4_quantize(fp_embed, cfg.embedding_group_size or 64, name=name)
         else:
-            qe = rtn(fp_embed, QuantGrid(cfg.embedding_bits, cfg.embedding_group_size, cfg.embedding_sym,
+            qe = rtn(fp_embed, QuantGrid(cfg.embedding_bits, cfg.embedding_group_size, cfg.embedding_sym, cfg.mse,
                                          signed_max=cfg.signed_max and cfg.embedding_sym), name)
         with torch.no_grad():
             embed.weight.copy_(qe.dequantize())  # tied: the output head sees the quantized rows too

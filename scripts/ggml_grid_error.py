@@ -3,7 +3,8 @@
     python scripts/ggml_grid_error.py [MODEL]      # default whisper-tiny.en
 
 quasr's plain symmetric grid (scale 2·max|w|/15, zero 8), ggml's q4_0 rule (QuantGrid.signed_max: d = m/−8, m the
-group's signed largest weight) and the asymmetric grid (q4_1's): mean over Linears of ||Q(W) − W||² / ||W||².
+group's signed largest weight), the same with the MSE search of each group's d (`--mse`), and the asymmetric grid
+(q4_1's) without and with the search: mean over Linears of ||Q(W) − W||² / ||W||².
 docs/deploy.md quotes its output for whisper-tiny.en.
 """
 from __future__ import annotations
@@ -16,7 +17,9 @@ from quasr.models import load_model
 from quasr.quant.grid import QuantGrid, rtn
 
 GRIDS = {"quasr symmetric": QuantGrid(4, 32, sym=True), "ggml q4_0 (signed_max)": QuantGrid(4, 32, sym=True, signed_max=True),
-         "asymmetric (q4_1)": QuantGrid(4, 32, sym=False)}
+         "ggml q4_0 + MSE search": QuantGrid(4, 32, sym=True, mse=True, signed_max=True),
+         "asymmetric (q4_1)": QuantGrid(4, 32, sym=False),
+         "asymmetric + MSE search": QuantGrid(4, 32, sym=False, mse=True)}
 
 
 def main() -> None:

@@ -31,11 +31,12 @@ class QuantGrid:
     group_size: int | None = 128  # None: per output channel
     sym: bool = False
     mse: bool = False             # shrink the range while the rounding error falls (MSE clipping search)
-    signed_max: bool = False      # symmetric: scale from the signed largest-magnitude value (ggml's q4_0/q5_0)
+    signed_max: bool = False      # symmetric: scale from the signed largest-magnitude value (ggml's q4_0/q5_0);
+    #                               with mse, the search also tries the largest value on the positive end
 
     def __post_init__(self):
-        if self.signed_max and (not self.sym or self.mse):
-            raise QuantConfigError("signed_max is a rule for symmetric grids without the MSE search")
+        if self.signed_max and not self.sym:
+            raise QuantConfigError("signed_max is a rule for symmetric grids")
         if not 2 <= self.bits <= 8:
             raise QuantConfigError(f"bits must be between 2 and 8, got {self.bits}")
         if self.group_size is not None and self.group_size <= 0:
@@ -95,7 +96,10 @@ def fit_params(w: torch.Tensor, grid: QuantGrid) -> tuple[torch.Tensor, torch.Te
         half = (maxq + 1) // 2
         m = w.gather(1, w.abs().argmax(dim=1, keepdim=True)).squeeze(1)
         m = torch.where(m.abs() < 1e-8, torch.full_like(m, -1e-8), m)
-        return m / -half, torch.full_like(m, half)
+        zero = torch.full_like(m, half)
+        if grid.mse:
+            return _mse_search_signed(w, m, zero, maxq), zero
+        return m / -half, zero
     if grid.sym:
         amax = w.abs().amax(dim=1).clamp(min=1e-8)
         scale = 2 * amax / maxq
@@ -125,6 +129,23 @@ def _mse_search_sym(w, amax, zero, maxq, steps: int = 80, shrink: float = 0.8, n
         better = err < best
         best = torch.where(better, err, best)
         best_scale = torch.where(better, s, best_scale)
+    return best_scale
+
+
+def _mse_search_signed(w, m, zero, maxq, steps: int = 80, shrink: float = 0.8, norm: float = 2.4):
+    """ggml-style symmetric grid (levels d·(q − half), q in [0, maxq]) with the MSE search: scales m·p/−half (the
+    signed largest value m on the grid's long end, ggml's rule at p = 1) and m·p/(half − 1) (on its short end),
+    p = 1, 1 − 1/steps, ..., > 1 − shrink; each row keeps the lowest Σ|Q(w) − w|^norm, ties to ggml's rule.
+    Any scale is representable in a ggml block (it stores d as it is), so this changes rounding, not format."""
+    half = (maxq + 1) // 2
+    best_scale = m / -half
+    best = (quantize_dequantize(w, best_scale[:, None], zero[:, None], maxq) - w).abs().pow(norm).sum(dim=1)
+    for i in range(int(shrink * steps)):
+        for s in (m * (1 - i / steps) / -half, m * (1 - i / steps) / (half - 1)):
+            err = (quantize_dequantize(w, s[:, None], zero[:, None], maxq) - w).abs().pow(norm).sum(dim=1)
+            better = err < best
+            best = torch.where(better, err, best)
+            best_scale = torch.where(better, s, best_scale)
     return best_scale
 
 

@@ -1,0 +1,73 @@
+"""Teacher-forced token cross-entropy of models on the held-in calib-dev utterances that none of them calibrated
+on: the criterion for choosing a recipe option without looking at the test sets.
+
+    python scripts/calib_dev_ce.py REFERENCE MODEL [MODEL ...] [--sets asterisk:calib-dev,tts:calib-dev]
+
+Each MODEL is a bundled name or a quasr checkpoint directory. The utterances are the calib-dev parts of the sets
+(quasr.data.held_out: a fixed quarter of each calibration split) minus every id in any checkpoint's calibration
+draw, minus those longer than Whisper's 30 s window. Printed per model: mean cross-entropy per target token
+(nats) and, against REFERENCE, the difference with a paired bootstrap 95 % interval over utterances.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from quasr.data import load_source
+from quasr.models import load_model
+from quasr.models.whisper import WINDOW_SECONDS, quiet_transformers
+from quasr.stats import paired_bootstrap
+
+
+def calib_ids(spec: str) -> set[str]:
+    meta = Path(spec) / "quasr_checkpoint.json"
+    if not meta.exists():
+        return set()
+    rec = json.loads(meta.read_text())
+    recipe = rec.get("recipe", rec)
+    return set(recipe.get("calib_ids") or [])
+
+
+def per_utterance_ce(asr, utts, batch: int = 4) -> tuple[list[float], list[int]]:
+    """Summed cross-entropy (nats) and target-token count of each utterance."""
+    nats, counts = [], []
+    with torch.inference_mode():
+        for i in range(0, len(utts), batch):
+            b = asr.training_batch(utts[i:i + batch])
+            logits = asr.model(**{k: v for k, v in b.items() if k != "labels"}).logits.float()
+            lab = b["labels"]
+            ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), lab.clamp(min=0), reduction="none")
+            mask = lab != -100
+            nats += (ce * mask).sum(1).tolist()
+            counts += mask.sum(1).tolist()
+    return nats, counts
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("models", nargs="+")
+    ap.add_argument("--sets", default="asterisk:calib-dev,tts:calib-dev")
+    args = ap.parse_args()
+    quiet_transformers()
+    used = set().union(*(calib_ids(m) for m in args.models))
+    utts = [u for s in args.sets.split(",") for u in load_source(s)
+            if u.id not in used and u.seconds <= WINDOW_SECONDS]
+    print(f"{len(utts)} utterances of {args.sets} (not in any calibration draw: {len(used)} ids excluded)")
+    ref = None
+    for spec in args.models:
+        nats, counts = per_utterance_ce(load_model(spec), utts)
+        mean = sum(nats) / sum(counts)
+        line = f"{mean:.4f} nats/token"
+        if ref is None:
+            ref = nats
+        else:
+            iv = paired_bootstrap(nats, ref, counts)
+            line += f"   vs reference {iv.diff / 100:+.4f} [{iv.lo / 100:+.4f}, {iv.hi / 100:+.4f}]"
+        print(f"{line}   {Path(spec).name[-90:]}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
