@@ -42,7 +42,8 @@ def checkpoint_for(results: ResultsFile, args, model: str, method: str, target: 
 
     g = TARGETS[target]
     c = cell(args, model, method, g["bits"], alpha=args.alpha, seed=seed, group_size=g["group_size"] or None)
-    out = cache_dir("bench", "deploy", "ckpt") / f"{c.tag()}-{target}"  # the whole recipe names the cache entry
+    mse = "-mse" if args.mse else ""
+    out = cache_dir("bench", "deploy", "ckpt") / f"{c.tag()}-{target}{mse}"  # the whole recipe names the entry
     meta = out / "quasr_checkpoint.json"
     if meta.exists():  # a checkpoint of an older grid rule (e.g. before q4_0's signed-max scales) is made again
         recipe = json.loads(meta.read_text()).get("recipe", {})
@@ -50,7 +51,7 @@ def checkpoint_for(results: ResultsFile, args, model: str, method: str, target: 
             print(f"== {out.name}: cached with another grid rule, quantizing again", flush=True)
             shutil.rmtree(out)
     if not meta.exists():
-        cmd = c.quantize_command(out) + ["--target", target]
+        cmd = c.quantize_command(out) + ["--target", target] + (["--mse"] if args.mse else [])
         print(f"== {out.name}: quantizing", flush=True)
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0:
@@ -58,8 +59,12 @@ def checkpoint_for(results: ResultsFile, args, model: str, method: str, target: 
     return out
 
 
-def run(results, keys: dict, make, runtime: str, compute_type: str, data, decoding) -> None:
-    """Export (make() -> path) unless every set is measured, then transcribe in the runtime and score."""
+def run(results, keys: dict, make, runtime: str, compute_type: str, data, decoding, ckpt=None) -> None:
+    """Export (make() -> path) unless every set is measured, then transcribe in the runtime and score. `ckpt()`
+    (quasr's files) gives the checkpoint the file was written from: its quantization seconds and peak RSS go into
+    the records."""
+    import json
+
     from quasr.deploy.runtimes import load_runtime
 
     if all(results.done(dict(keys, decoding=decoding.label, data=d, speaker=None)) for d, _ in data):
@@ -68,6 +73,9 @@ def run(results, keys: dict, make, runtime: str, compute_type: str, data, decodi
     asr = load_runtime(runtime, str(path), compute_type)
     size = path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.iterdir())
     extra = {"size_mb": round(size / 1e6, 2), "runtime_settings": asr.settings(decoding), "file": str(path)}
+    if ckpt is not None:
+        recipe = json.loads((ckpt() / "quasr_checkpoint.json").read_text()).get("recipe", {})
+        extra.update({k: recipe[k] for k in ("quant_seconds", "peak_rss_mb") if recipe.get(k) is not None})
     for d, n in data:
         eval_cell(results, asr, d, n, keys, extra=extra, decoding=decoding)
 
@@ -80,6 +88,8 @@ def main() -> None:
     ap.add_argument("--alpha", type=float, default=None, help="QEP / GPTAQ strength of --method (default: its own)")
     ap.add_argument("--types", default=",".join(GGML_TYPES + ("ct2",)),
                     help="which files, in this order: ggml types (q4_0,q4_1,q5_0,q8_0) and ct2 (faster-whisper)")
+    ap.add_argument("--mse", action="store_true", help="quasr's files search each group's scale (quasr quantize "
+                                                       "--mse): the scale GPTQ rounds on, not the runtime's rule")
     args = ap.parse_args()
     types = [t.strip() for t in args.types.split(",") if t.strip()]
     if bad := [t for t in types if t not in GGML_TYPES + ("ct2",)]:
@@ -108,12 +118,14 @@ def main() -> None:
             run(results, dict(base, method="rtn-runtime", bits=bits, group_size=gs, runtime="whispercpp", rtype=t),
                 lambda f=f, t=t: export_ggml(model, f, t) and f, "whispercpp", "default", data, decoding)
             for seed in (seeds if t in SEEDED else seeds[:1]):
-                f = files / f"{model}-{args.method}-{t}-s{seed}.bin"
+                f = files / f"{model}-{args.method}-{t}-s{seed}{'-mse' if args.mse else ''}.bin"
                 ck = lambda seed=seed, t=t: checkpoint_for(results, args, model, args.method, f"ggml-{t}", seed)  # noqa: E731
                 run(results, dict(base, method=args.method, bits=bits, group_size=gs, seed=seed, runtime="whispercpp",
                                   rtype=t, calib="+".join(args.calib.split(",")), n_calib=args.n_calib,
-                                  **({"alpha": args.alpha} if args.alpha is not None else {})),
-                    lambda f=f, t=t, ck=ck: export_ggml(ck(), f, t) and f, "whispercpp", "default", data, decoding)
+                                  **({"alpha": args.alpha} if args.alpha is not None else {}),
+                                  **({"mse": True} if args.mse else {})),
+                    lambda f=f, t=t, ck=ck: export_ggml(ck(), f, t) and f, "whispercpp", "default", data, decoding,
+                    ckpt=ck)
 
 
 def ct2(results, args, model: str, seeds: list[int], files: Path, data, decoding) -> None:
@@ -128,12 +140,13 @@ def ct2(results, args, model: str, seeds: list[int], files: Path, data, decoding
     run(results, dict(base, method="rtn-runtime", bits=8, runtime="ctranslate2", rtype="int8"),
         lambda: export_ct2(model, d8, "int8") and d8, "ctranslate2", "int8", data, decoding)
     for seed in seeds:
-        dq = files / f"{model}-ct2-{args.method}-int8-s{seed}"
+        dq = files / f"{model}-ct2-{args.method}-int8-s{seed}{'-mse' if args.mse else ''}"
         ck = lambda seed=seed: checkpoint_for(results, args, model, args.method, "ct2-int8", seed)  # noqa: E731
         run(results, dict(base, method=args.method, bits=8, seed=seed, runtime="ctranslate2", rtype="int8",
                           calib="+".join(args.calib.split(",")), n_calib=args.n_calib,
-                          **({"alpha": args.alpha} if args.alpha is not None else {})),
-            lambda dq=dq, ck=ck: export_ct2(ck(), dq, "int8") and dq, "ctranslate2", "int8", data, decoding)
+                          **({"alpha": args.alpha} if args.alpha is not None else {}),
+                          **({"mse": True} if args.mse else {})),
+            lambda dq=dq, ck=ck: export_ct2(ck(), dq, "int8") and dq, "ctranslate2", "int8", data, decoding, ckpt=ck)
 
 
 if __name__ == "__main__":

@@ -89,7 +89,8 @@ def print_records(records: list[dict], columns: list[str], title: str = "") -> N
 # -- quantized cells: one recipe, quantized in a subprocess, its checkpoint scored ------------------------------
 
 OPTION_KEYS = ("alpha", "variant", "encoder_frames", "pad_stride", "pad_weight", "embedding_bits", "percdamp",
-               "layers", "pool", "tail_cost", "sym", "act_mode", "act_calibrator", "esc_seed", "esc_budget")
+               "layers", "pool", "tail_cost", "sym", "act_mode", "act_calibrator", "esc_seed", "esc_budget",
+               "mse")
 
 
 @dataclass(frozen=True)
