@@ -22,7 +22,7 @@ from quasr.errors import ModelError
 from quasr.models.base import AsrModel
 from quasr.models.whisper import WhisperAsr
 
-CONVERTER_VERSION = "1"
+CONVERTER_VERSION = "2"  # 2: lost BPE merges put back (ct2.repair_bpe_merges)
 
 
 @dataclass(frozen=True)

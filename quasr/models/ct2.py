@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import struct
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -177,6 +178,67 @@ def _special_ids(tokenizer) -> dict[str, int]:
     return {n: vocab[n] for n in names}
 
 
+def _merge_pair(m) -> tuple[str, str]:
+    return tuple(m.split(" ", 1)) if isinstance(m, str) else (m[0], m[1])
+
+
+def repair_bpe_merges(tok: dict) -> list[str]:
+    """Put back the merges a byte-level BPE tokenizer.json lost, in place; returns them ("a b").
+
+    In GPT-2/Whisper byte-level BPE the token of id 256 + r is made by the merge of rank r. A token of that range
+    that no merge makes can never be produced, and every word that contains it tokenizes differently from what the
+    model was trained on. whisper-base's bundled tokenizer.json lacks rank 0, "Ġ t": " the", " to", " that" came
+    out as two tokens ("Ġ", "the"), which leaves decoding alone (ids -> text) but poisons every teacher-forced
+    use of text: calibration, cross-entropy, adapters. The lost merge is found as BPE itself would make the
+    token: encode its characters with the merges of lower rank; the two pieces left are the merge. Tokens whose
+    pieces are not two (or not in the vocabulary) are left alone."""
+    model = tok.get("model", {})
+    vocab, merges = model.get("vocab"), model.get("merges")
+    if model.get("type") != "BPE" or not isinstance(vocab, dict) or not isinstance(merges, list):
+        return []
+    special = {a["content"] for a in tok.get("added_tokens", []) if a.get("special")}
+    ordinary = sorted((i, t) for t, i in vocab.items() if i >= 256 and t not in special and not t.startswith("<|"))
+    if len(merges) >= len(ordinary):
+        return []
+    made = {"".join(_merge_pair(m)) for m in merges}
+    added = []
+    for i, t in ordinary:
+        if t in made or len(t) < 2:
+            continue
+        rank = i - 256
+        ranks = {_merge_pair(m): r for r, m in enumerate(merges[:rank])}
+        parts = list(t)
+        while len(parts) > 2:
+            pairs = [(ranks.get((a, b), 1 << 30), k) for k, (a, b) in enumerate(zip(parts, parts[1:]))]
+            best, k = min(pairs)
+            if best == 1 << 30:
+                break
+            parts[k:k + 2] = [parts[k] + parts[k + 1]]
+        if len(parts) != 2 or any(p not in vocab for p in parts):
+            continue
+        m = f"{parts[0]} {parts[1]}" if isinstance(merges[0] if merges else "", str) else [parts[0], parts[1]]
+        merges.insert(min(rank, len(merges)), m)
+        made.add(t)
+        added.append(f"{parts[0]} {parts[1]}")
+    return added
+
+
+def load_tokenizer(path: str | Path):
+    """A CTranslate2 model's tokenizer.json as a transformers WhisperTokenizer, with lost BPE merges put back:
+    (tokenizer, the merges repaired)."""
+    from transformers import WhisperTokenizer
+
+    path = Path(path)
+    try:
+        tok_json = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelError(f"{path}: unreadable tokenizer ({e})") from None
+    repaired = repair_bpe_merges(tok_json)
+    with tempfile.TemporaryDirectory() as tdir:
+        (Path(tdir) / "tokenizer.json").write_text(json.dumps(tok_json, ensure_ascii=False), encoding="utf-8")
+        return WhisperTokenizer(tokenizer_file=str(Path(tdir) / "tokenizer.json")), repaired
+
+
 def convert_ct2_whisper(src: str | Path, out_dir: str | Path, model_bin: str | Path | None = None) -> Path:
     """Convert a CTranslate2 Whisper directory into a transformers model directory (written atomically).
 
@@ -190,7 +252,7 @@ def convert_ct2_whisper(src: str | Path, out_dir: str | Path, model_bin: str | P
 
     from tokenizers import AddedToken
     from transformers import (GenerationConfig, WhisperConfig, WhisperFeatureExtractor,
-                              WhisperForConditionalGeneration, WhisperProcessor, WhisperTokenizer)
+                              WhisperForConditionalGeneration, WhisperProcessor)
 
     src, out_dir = Path(src), Path(out_dir)
     model_bin = Path(model_bin) if model_bin else src / "model.bin"
@@ -207,7 +269,7 @@ def convert_ct2_whisper(src: str | Path, out_dir: str | Path, model_bin: str | P
     tensors, dims = ct2_state_dict(variables)
     del variables
 
-    tokenizer = WhisperTokenizer(tokenizer_file=str(src / "tokenizer.json"))
+    tokenizer, repaired = load_tokenizer(src / "tokenizer.json")
     ids = _special_ids(tokenizer)
     multilingual = dims["vocab_size"] >= 51865
     n_timestamps = 1501
@@ -250,5 +312,6 @@ def convert_ct2_whisper(src: str | Path, out_dir: str | Path, model_bin: str | P
     with staged_dir(out_dir) as tmp:
         model.to(torch.float16 if fp16 else torch.float32).save_pretrained(tmp)
         processor.save_pretrained(tmp)
-        (tmp / "quasr_source.json").write_text(json.dumps({"converted_from": str(src), "format": "ctranslate2"}))
+        (tmp / "quasr_source.json").write_text(json.dumps({"converted_from": str(src), "format": "ctranslate2",
+                                                           "repaired_merges": repaired}))
     return out_dir
