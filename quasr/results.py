@@ -203,14 +203,19 @@ class ResultsFile:
         return tuple(json.dumps(rec.get(k), sort_keys=True) for k in self.keys)
 
     def done(self, rec: dict) -> bool:
-        """Whether a record with the same cell key (missing keys count as None) is already stored."""
+        """Whether a record with the same cell key (missing keys count as None) is already stored (in the file as
+        it is now: another run may have added or removed cells)."""
+        if self.path.exists():
+            self.data["records"] = json.loads(self.path.read_text()).get("records", [])
         k = self.key(rec)
         return any(self.key(r) == k for r in self.records)
 
     def add(self, *recs: dict) -> None:
         """Append records (replacing any with the same cell key) and rewrite the file atomically.
 
-        The file is re-read under an exclusive lock first, so several processes may fill parts of one grid."""
+        The file is re-read under an exclusive lock first and is the truth: records another process wrote (or
+        removed) since this one read the file stay as they are on disk, so several processes may fill parts of one
+        grid, and records moved aside while a run is going are not written back by it."""
         import fcntl
 
         lock = self.path.with_name(f".{self.path.name}.lock")
@@ -218,9 +223,7 @@ class ResultsFile:
         with open(lock, "w") as fh:
             fcntl.flock(fh, fcntl.LOCK_EX)
             if self.path.exists():
-                on_disk = json.loads(self.path.read_text()).get("records", [])
-                mine = {self.key(r) for r in self.records}
-                self.data["records"] = self.records + [r for r in on_disk if self.key(r) not in mine]
+                self.data["records"] = json.loads(self.path.read_text()).get("records", [])
             for rec in recs:
                 rec.setdefault("command", self.data["command"])  # which run measured this cell
                 rec.setdefault("machine", self.data["machine"])  # and on what

@@ -252,3 +252,24 @@ def test_transcript_file_names_stay_short_and_distinct(tmp_path):
     assert all(n.endswith("asterisk_test.jsonl") for n in names)
     short = transcripts_path(rf, dict(model="whisper-tiny.en", method="fp", decoding="standard"), "tts:test").name
     assert short == "esc-whisper-tiny.en-fp-decoding=standard-tts_test.jsonl"  # short names unchanged
+
+
+def test_the_file_on_disk_wins_over_a_writers_stale_memory(tmp_path):
+    """Two runs fill one grid. Records another run replaced, and records moved aside while a run is going, are not
+    written back by a run that read the file earlier (the grid once resurrected records of a broken calibration
+    that had been moved aside, and overwrote their re-measured replacements)."""
+    path = tmp_path / "r.json"
+    a = ResultsFile(path, "ptq")
+    a.add(record(model="m", method="gptq", bits=4, data="x", wer=1.0), record(model="m", method="rtn", bits=4,
+                                                                             data="x", wer=3.0))
+    b = ResultsFile(path, "ptq")  # a second run, started later
+    b.add(record(model="m", method="gptq", bits=4, data="x", wer=2.0))  # measured again: replaces a's record
+    d = json.loads(path.read_text())  # someone moves the rtn record aside, under the lock as add() takes it
+    d["records"] = [r for r in d["records"] if r["method"] != "rtn"]
+    write_json(path, d)
+    a.add(record(model="m", method="qep", bits=4, data="x", wer=0.5))  # the first run goes on
+    saved = {r["method"]: r["wer"] for r in json.loads(path.read_text())["records"]}
+    assert saved == {"gptq": 2.0, "qep": 0.5}
+    assert not a.done(record(model="m", method="rtn", bits=4, data="x"))
+    write_json(path, {**d, "records": []})  # emptied behind its back: nothing is done any more
+    assert not a.done(record(model="m", method="qep", bits=4, data="x"))
