@@ -55,6 +55,8 @@ def main() -> None:
     used = set().union(*(calib_ids(m) for m in args.models))
     utts = [u for s in args.sets.split(",") for u in load_source(s)
             if u.id not in used and u.seconds <= WINDOW_SECONDS]
+    if not utts:
+        raise SystemExit(f"error: no utterance of {args.sets} is left outside the calibration draws")
     print(f"{len(utts)} utterances of {args.sets} (not in any calibration draw: {len(used)} ids excluded)")
     ref = None
     for spec in args.models:
@@ -70,4 +72,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from quasr.errors import QuasrError
+
+    try:
+        main()
+    except QuasrError as e:
+        raise SystemExit(f"error: {e}") from None
