@@ -6,7 +6,8 @@ on: the criterion for choosing a recipe option without looking at the test sets.
 Each MODEL is a bundled name or a quasr checkpoint directory. The utterances are the calib-dev parts of the sets
 (quasr.data.held_out: a fixed quarter of each calibration split) minus every id in any checkpoint's calibration
 draw, minus those longer than Whisper's 30 s window. Printed per model: mean cross-entropy per target token
-(nats) and, against REFERENCE, the difference with a paired bootstrap 95 % interval over utterances.
+(nats) and, against REFERENCE, the difference with a paired bootstrap 95 % interval over utterances. Every model
+reads the same token ids: the text is tokenized once, by REFERENCE's source model.
 """
 from __future__ import annotations
 
@@ -31,12 +32,20 @@ def calib_ids(spec: str) -> set[str]:
     return set(recipe.get("calib_ids") or [])
 
 
-def per_utterance_ce(asr, utts, batch: int = 4) -> tuple[list[float], list[int]]:
+def text_model(spec: str) -> str:
+    """The bundled or hub model a checkpoint was quantized from (the model itself otherwise)."""
+    meta = Path(spec) / "quasr_checkpoint.json"
+    if meta.exists():
+        rec = json.loads(meta.read_text())
+        return rec.get("recipe", rec).get("model") or spec
+    return spec
+
+
+def per_utterance_ce(asr, batches) -> tuple[list[float], list[int]]:
     """Summed cross-entropy (nats) and target-token count of each utterance."""
     nats, counts = [], []
     with torch.inference_mode():
-        for i in range(0, len(utts), batch):
-            b = asr.training_batch(utts[i:i + batch])
+        for b in batches:
             logits = asr.model(**{k: v for k, v in b.items() if k != "labels"}).logits.float()
             lab = b["labels"]
             ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), lab.clamp(min=0), reduction="none")
@@ -58,9 +67,14 @@ def main() -> None:
     if not utts:
         raise SystemExit(f"error: no utterance of {args.sets} is left outside the calibration draws")
     print(f"{len(utts)} utterances of {args.sets} (not in any calibration draw: {len(used)} ids excluded)")
+    # one tokenization for every model: the reference's source model, freshly converted (a checkpoint keeps the
+    # tokenizer it was saved with, and whisper-base's lost a merge before converter version 2)
+    tm = load_model(text_model(args.models[0]))
+    batches = [tm.training_batch(utts[i:i + 4]) for i in range(0, len(utts), 4)]
+    del tm
     ref = None
     for spec in args.models:
-        nats, counts = per_utterance_ce(load_model(spec), utts)
+        nats, counts = per_utterance_ce(load_model(spec), batches)
         mean = sum(nats) / sum(counts)
         line = f"{mean:.4f} nats/token"
         if ref is None:
