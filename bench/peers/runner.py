@@ -103,7 +103,6 @@ def main() -> None:
              "versions": [v for v in versions if v.lower().startswith(keep)],
              "threads": torch.get_num_threads()}
     results = ResultsFile(args.out, "peers", option_keys=OPTION_KEYS + ("peer", "scheme"))
-    results.data["records"] = [r for r in results.records if not r.get("error")]  # a retried cell replaces its failure
     keys = dict(model=args.model, method=f"{args.peer}:{args.scheme}", bits=bits, group_size=group, peer=args.peer,
                 scheme=args.scheme, calib=args.calib.replace(",", "+") if calibrates else None,
                 n_calib=args.n_calib if calibrates else None, seed=args.seed if calibrates else None)
