@@ -7,8 +7,8 @@
 
 --select never looks at the test sets: it calibrates on the calib-fit part of the calibration sets and scores
 on their held-out calib-dev part (quasr.data.held_out), two seeds per candidate, and writes
-bench/results/fade-select.json; the grid then uses the candidates with the lowest mean WER there (or the
---variant / --pad-weight given). Cells that bench/ptq.py measured with the same recipe, seed, decoding and
+bench/results/fade-select.json; the grid then uses the candidates with the lowest mean teacher-forced
+cross-entropy there (--criterion wer: the lowest dev WER; both are recorded), or the --variant / --pad-weight given. Cells that bench/ptq.py measured with the same recipe, seed, decoding and
 set are copied from ptq.json instead of measured again.
 """
 from __future__ import annotations
@@ -42,31 +42,68 @@ def dev_wer(results: ResultsFile, **keys) -> float | None:
     return sum(r["wer"] for r in recs) / len(recs) if recs else None
 
 
+def dev_ce(model: str, tags: list[str], cache) -> float | None:
+    """Mean over the cells `tags` (seeds) of the teacher-forced cross-entropy (nats/token) of their checkpoints on
+    the calib-dev utterances, all tokenized once by `model` (quasr.evaluate.token_cross_entropy)."""
+    from quasr import checkpoint
+    from quasr.data import load_source
+    from quasr.evaluate import teacher_forced_batches, token_cross_entropy
+    from quasr.models import load_model
+    from quasr.models.whisper import WINDOW_SECONDS
+
+    tags = [t for t in tags if (cache / t).is_dir()]
+    if not tags:
+        return None
+    utts = [u for s in SELECT_DATA.split(",") for u in load_source(s) if u.seconds <= WINDOW_SECONDS]
+    batches = teacher_forced_batches(load_model(model), utts)
+    ces = []
+    for t in tags:
+        nats, counts = token_cross_entropy(checkpoint.load(cache / t), batches)
+        ces.append(sum(nats) / sum(counts))
+        print(f"   dev cross-entropy {ces[-1]:.4f} nats/token  {t}", flush=True)
+    return round(sum(ces) / len(ces), 5)
+
+
 def select(args) -> dict:
-    """Measure the candidates on calib-dev and return the chosen {"variant", "pad_weight"}."""
+    """Measure the candidates on calib-dev and return the chosen {"variant", "pad_weight"}: by `--criterion`,
+    the teacher-forced cross-entropy (default) or the WER of the dev sets, each the mean over two seeds."""
+    from quasr.paths import cache_dir
+
     args.calib, args.data = SELECT_CALIB, SELECT_DATA
     decoding = parse_decoding(args.decoding)
     data = parse_data(args.data, args.limit)
     out = RESULTS / "fade-select.json"
     results = ResultsFile(out, "fade-select", option_keys=OPTION_KEYS)
+    cache = cache_dir("bench", "fade-select")
     seeds = [0, 1]
-    for model in args.models.split(","):
+    models = args.models.split(",")
+    pw_cells = {(m, p): [] for m in models for p in PAD_WEIGHTS}
+    for model in models:
         for pw in PAD_WEIGHTS:  # where calibration looks: GPTQ W4 with padding frames weighted down
             args.pad_weight = pw
             for seed in seeds:
-                measure(results, cell(args, model, "gptq", 4, seed=seed), data, decoding, args.batch_size)
+                c = cell(args, model, "gptq", 4, seed=seed)
+                measure(results, c, data, decoding, args.batch_size)
+                pw_cells[model, pw].append(c.tag())
     args.pad_weight = 1.0
-    model = args.models.split(",")[0]
+    model = models[0]
+    v_cells = {v: [] for v in VARIANTS}
     for variant in VARIANTS:  # FADE's variants at W3, where compensation matters most
         for seed in seeds:
-            measure(results, cell(args, model, "fade", 3, seed=seed, variant=variant), data, decoding,
-                    args.batch_size)
-    pw = {p: [dev_wer(results, model=m, method="gptq", pad_weight=None if p == 1.0 else p)
-              for m in args.models.split(",")] for p in PAD_WEIGHTS}
-    fv = {v: dev_wer(results, model=model, method="fade", variant=v) for v in VARIANTS}
-    chosen = {"pad_weight": min(pw, key=lambda p: sum(x for x in pw[p] if x is not None)),
-              "variant": min(fv, key=lambda v: fv[v] if fv[v] is not None else 1e9),
-              "dev_wer": {"pad_weight": {str(p): w for p, w in pw.items()}, "variant": fv},
+            c = cell(args, model, "fade", 3, seed=seed, variant=variant)
+            measure(results, c, data, decoding, args.batch_size)
+            v_cells[variant].append(c.tag())
+    wer = {"pad_weight": {p: [dev_wer(results, model=m, method="gptq", pad_weight=None if p == 1.0 else p)
+                              for m in models] for p in PAD_WEIGHTS},
+           "variant": {v: dev_wer(results, model=model, method="fade", variant=v) for v in VARIANTS}}
+    ce = {"pad_weight": {p: [dev_ce(m, pw_cells[m, p], cache) for m in models] for p in PAD_WEIGHTS},
+          "variant": {v: dev_ce(model, v_cells[v], cache) for v in VARIANTS}}
+    crit = ce if args.criterion == "ce" else wer
+    chosen = {"pad_weight": min(PAD_WEIGHTS, key=lambda p: sum(x for x in crit["pad_weight"][p] if x is not None)),
+              "variant": min(VARIANTS, key=lambda v: crit["variant"][v] if crit["variant"][v] is not None else 1e9),
+              "criterion": args.criterion, "models": models,
+              "dev_wer": {"pad_weight": {str(p): w for p, w in wer["pad_weight"].items()}, "variant": wer["variant"]},
+              "dev_ce": {"pad_weight": {str(p): w for p, w in ce["pad_weight"].items()}, "variant": ce["variant"]},
               "data": SELECT_DATA, "calib": SELECT_CALIB, "seeds": seeds}
     results.data["chosen"] = chosen
     results.add()
@@ -88,6 +125,8 @@ def main() -> None:
     ap.add_argument("--select", action="store_true", help="choose the defaults on calib-dev (see above)")
     ap.add_argument("--bits", default=None, help="weight bits (default: per model, see BITS)")
     ap.add_argument("--variant", default=None, help="FADE variant (default: the one --select chose)")
+    ap.add_argument("--criterion", choices=("ce", "wer"), default="ce",
+                    help="--select: choose by dev cross-entropy (default) or dev WER (both are recorded)")
     args = ap.parse_args()
     quiet_transformers()
     if args.select:

@@ -15,9 +15,8 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
-
 from quasr.data import load_source
+from quasr.evaluate import teacher_forced_batches, token_cross_entropy
 from quasr.models import load_model
 from quasr.models.whisper import WINDOW_SECONDS, quiet_transformers
 from quasr.stats import paired_bootstrap
@@ -41,20 +40,6 @@ def text_model(spec: str) -> str:
     return spec
 
 
-def per_utterance_ce(asr, batches) -> tuple[list[float], list[int]]:
-    """Summed cross-entropy (nats) and target-token count of each utterance."""
-    nats, counts = [], []
-    with torch.inference_mode():
-        for b in batches:
-            logits = asr.model(**{k: v for k, v in b.items() if k != "labels"}).logits.float()
-            lab = b["labels"]
-            ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), lab.clamp(min=0), reduction="none")
-            mask = lab != -100
-            nats += (ce * mask).sum(1).tolist()
-            counts += mask.sum(1).tolist()
-    return nats, counts
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("models", nargs="+")
@@ -70,11 +55,11 @@ def main() -> None:
     # one tokenization for every model: the reference's source model, freshly converted (a checkpoint keeps the
     # tokenizer it was saved with, and whisper-base's lost a merge before converter version 2)
     tm = load_model(text_model(args.models[0]))
-    batches = [tm.training_batch(utts[i:i + 4]) for i in range(0, len(utts), 4)]
+    batches = teacher_forced_batches(tm, utts)
     del tm
     ref = None
     for spec in args.models:
-        nats, counts = per_utterance_ce(load_model(spec), batches)
+        nats, counts = token_cross_entropy(load_model(spec), batches)
         mean = sum(nats) / sum(counts)
         line = f"{mean:.4f} nats/token"
         if ref is None:

@@ -161,3 +161,27 @@ def test_matches_sclite(tmp_path):
     assert rows.keys() == expect.keys()
     for name, c in expect.items():
         assert rows[name] == (c.n_ref, c.sub, c.dele, c.ins, c.errors), name
+
+
+def test_token_cross_entropy_is_per_utterance_and_sees_the_text(tiny):
+    """Teacher-forced cross-entropy (the held-in selection criterion): each utterance's sum does not depend on
+    what it is batched with, agrees with the model's own loss, and the true transcript scores far better than
+    another utterance's text on the same audio (labels aligned with the audio they belong to)."""
+    from dataclasses import replace
+
+    from quasr.data import load_source
+    from quasr.evaluate import teacher_forced_batches, token_cross_entropy
+
+    utts = list(load_source("asterisk:calib", limit=3))
+    nats, counts = token_cross_entropy(tiny, teacher_forced_batches(tiny, utts, batch_size=3))
+    for u, n, c in zip(utts, nats, counts):
+        (alone,), (count,) = token_cross_entropy(tiny, teacher_forced_batches(tiny, [u]))
+        assert count == c == len(tiny.processor.tokenizer(" " + u.text.strip(), add_special_tokens=False).input_ids) + 1
+        assert alone == pytest.approx(n, rel=1e-3, abs=1e-3)
+    batch = teacher_forced_batches(tiny, utts[:1])[0]
+    (first,), (count,) = token_cross_entropy(tiny, [batch])
+    assert first / count == pytest.approx(float(tiny.model(**batch).loss), rel=1e-5)
+    swapped = [replace(u, text=utts[(i + 1) % 3].text) for i, u in enumerate(utts)]
+    wrong, wcounts = token_cross_entropy(tiny, teacher_forced_batches(tiny, swapped))
+    for n, c, w, wc in zip(nats, counts, wrong, wcounts):
+        assert n / c + 1.0 < w / wc
