@@ -477,6 +477,31 @@ def peers(path: Path, decoding: str | None = None, resamples: int = 10_000) -> s
     return "\n".join(out)
 
 
+def selection(path: Path) -> str:
+    """FADE's defaults chosen on calib-dev (bench/fade.py --select): each candidate's dev cross-entropy and dev WER
+    (means over the selection's seeds), the chosen one marked."""
+    d = json.loads(path.read_text())
+    ch = d.get("chosen")
+    if not ch:
+        return "(the selection has not finished: no choice recorded)"
+    crit = ch.get("criterion", "wer")
+    models = ch.get("models") or sorted({r["model"] for r in d["records"]})
+    rows = []
+    for p, ces in (ch.get("dev_ce") or {}).get("pad_weight", {}).items():
+        wers = ch["dev_wer"]["pad_weight"].get(p) or [None] * len(models)
+        mark = " ✓" if float(p) == ch["pad_weight"] else ""
+        rows.append([f"GPTQ W4G128, padding weight {p}{mark}"] + [f"{fmt(c, 4)} / {fmt(w)}" for c, w in zip(ces, wers)])
+    for v, c in (ch.get("dev_ce") or {}).get("variant", {}).items():
+        w = ch["dev_wer"]["variant"].get(v)
+        mark = " ✓" if v == ch["variant"] else ""
+        rows.append([f"FADE W3G128 `{v}`{mark}"] + [f"{fmt(c, 4)} / {fmt(w)}"] + ["-"] * (len(models) - 1))
+    head = [f"candidate (✓ chosen by {'cross-entropy' if crit == 'ce' else 'WER'})"]
+    head += [f"{m}: dev nats/token / WER %" for m in models]
+    note = (f"Calibrated on {ch['calib']}, scored on {ch['data']} (never the test sets), seeds "
+            f"{', '.join(map(str, ch['seeds']))}; FADE's variants on {models[0]} only.")
+    return note + "\n\n" + md(rows, head)
+
+
 def label_of(k: dict) -> str:
     label = k["method"] + (f" α={k['alpha']}" if k.get("alpha") is not None else "")
     if k.get("act_bits"):
@@ -521,7 +546,7 @@ TITLES = {"baseline": "Full precision", "ptq": "Weight-only post-training quanti
           "esc": "ESC: full-integer quantization (weights and activations)",
           "peers": "Side by side with the tools users pick today"}
 START, END = "<!-- results:start -->", "<!-- results:end -->"
-DEFAULT = ["ptq", "esc", "deploy"]
+DEFAULT = ["ptq", "fade-select", "esc", "deploy", "peers"]
 
 
 def report(names: list[str], required: bool = True, decoding: str | None = None, resamples: int = 10_000) -> str:
@@ -541,6 +566,8 @@ def report(names: list[str], required: bool = True, decoding: str | None = None,
                 body = pqm(path, decoding, resamples)
             elif name.startswith("peers"):
                 body = peers(path, decoding, resamples)
+            elif name == "fade-select":
+                body = selection(path)
             else:
                 body = ptq(path, decoding, resamples)
             out += [f"### {title}: `bench/results/{name}.json`", "", body, ""]

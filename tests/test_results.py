@@ -273,3 +273,22 @@ def test_the_file_on_disk_wins_over_a_writers_stale_memory(tmp_path):
     assert not a.done(record(model="m", method="rtn", bits=4, data="x"))
     write_json(path, {**d, "records": []})  # emptied behind its back: nothing is done any more
     assert not a.done(record(model="m", method="qep", bits=4, data="x"))
+
+
+def test_selection_report_marks_the_choice_by_its_criterion(tmp_path):
+    report = _load_report()
+    chosen = {"pad_weight": 0.25, "variant": "split", "criterion": "ce", "models": ["a", "b"],
+              "dev_ce": {"pad_weight": {"1.0": [0.61, 0.50], "0.25": [0.60, 0.49]}, "variant": {"split": 0.7, "size": 0.8}},
+              "dev_wer": {"pad_weight": {"1.0": [9.0, 8.0], "0.25": [9.5, 8.2]}, "variant": {"split": 20.0, "size": 18.0}},
+              "data": "x:calib-dev", "calib": "x:calib-fit", "seeds": [0, 1]}
+    path = tmp_path / "fade-select.json"
+    path.write_text(json.dumps({"records": [], "chosen": chosen}))
+    text = report.selection(path)
+    lines = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ") and "---" not in line}
+    assert "GPTQ W4G128, padding weight 0.25 ✓" in lines and "GPTQ W4G128, padding weight 1.0" in lines
+    assert "0.6000 / 9.50" in lines["GPTQ W4G128, padding weight 0.25 ✓"]
+    assert "0.4900 / 8.20" in lines["GPTQ W4G128, padding weight 0.25 ✓"]
+    assert "FADE W3G128 `split` ✓" in lines and "FADE W3G128 `size`" in lines
+    assert "chosen by cross-entropy" in text
+    path.write_text(json.dumps({"records": []}))
+    assert "not finished" in report.selection(path)
