@@ -34,10 +34,8 @@ def saved_bytes(peer: str, model) -> tuple[int, str]:
     import tempfile
 
     if peer == "llmcompressor":
-        import copy
-
         with tempfile.TemporaryDirectory() as tmp:
-            copy.deepcopy(model).save_pretrained(tmp, save_compressed=True)  # a copy: compressing may alter modules
+            model.save_pretrained(tmp, save_compressed=True)  # compresses the modules in place: call it last
             files = list(Path(tmp).glob("*.safetensors"))
             return sum(f.stat().st_size for f in files), "save_pretrained(save_compressed=True): the safetensors files"
     return state_bytes(model), "torch.save of the state dict: every weight, the FP32 tied embedding included"
@@ -96,10 +94,7 @@ def main() -> None:
     QUANTIZE[args.peer](asr, args.scheme, calib)
     quant_seconds = time.perf_counter() - t
     asr.model.eval()
-    size, size_note = saved_bytes(args.peer, asr.model)
     extra = {"peer": args.peer, "scheme": args.scheme, "scheme_desc": desc, "quant_seconds": round(quant_seconds, 2),
-             "size_mb": round(size / 1e6, 2), "bits_per_weight": round(8 * size / n_weights, 3),
-             "size_note": size_note,
              "versions": [v for v in versions if v.lower().startswith(keep)],
              "threads": torch.get_num_threads()}
     results = ResultsFile(args.out, "peers", option_keys=OPTION_KEYS + ("peer", "scheme"))
@@ -111,6 +106,15 @@ def main() -> None:
         eval_cell(results, asr, d, n, keys, extra=dict(extra, peak_rss_mb=round(
             resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024), command=args.command),
             decoding=decoding, batch_size=args.batch_size)
+    # the size last: llm-compressor's compressed save rewrites the modules it saves (a deep copy did not keep the
+    # model usable: its Linears lost their weights), and the records just written get it
+    size, size_note = saved_bytes(args.peer, asr.model)
+    sized = {"size_mb": round(size / 1e6, 2), "bits_per_weight": round(8 * size / n_weights, 3), "size_note": size_note}
+    measured = {d for d, _ in parse_data(args.data, args.limit)}
+    results.add(*[dict(r, **sized) for r in results.records
+                  if r.get("method") == keys["method"] and r.get("model") == args.model and r.get("data") in measured
+                  and r.get("decoding") == decoding.label])
+    extra.update(sized)
     print(json.dumps({k: v for k, v in extra.items() if k != "versions"}))
 
 
