@@ -19,7 +19,7 @@ SCHEMES = {
     "quanto": {"qint4": (4, 128, "int4 weights (optimum-quanto), group 128"),
                "qint8": (8, None, "int8 weights (optimum-quanto)")},
     "hqq": {"4bit-g64": (4, 64, "HQQ 4-bit, group 64")},
-    "torchao": {"int4wo": (4, 128, "int4 weight-only, group 128"), "int8wo": (8, None, "int8 weight-only"),
+    "torchao": {"int4wo": (4, 128, "int4 weight-only, group 128 (IntxWeightOnlyConfig on CPU)"), "int8wo": (8, None, "int8 weight-only"),
                 "int8dq": (8, None, "int8 dynamic activations, int8 weights")},
 }
 
@@ -64,9 +64,14 @@ def torchao(asr, scheme: str, calib) -> None:
             from torchao.dtypes import Int4CPULayout
 
             cfg = Int4WeightOnlyConfig(group_size=128, layout=Int4CPULayout())
+            asr.model.to(torch.bfloat16)  # torchao's int4 CPU kernels take bfloat16 activations
         except ImportError:
-            cfg = Int4WeightOnlyConfig(group_size=128)
-        asr.model.to(torch.bfloat16)  # torchao's int4 CPU kernels take bfloat16 activations
+            # torchao 0.18's Int4WeightOnlyConfig has no CPU format (its plain one needs the mslk GPU kernels);
+            # its CPU route to 4-bit weights is IntxWeightOnlyConfig (int4 codes, one scale per group of 128)
+            from torchao.quantization import IntxWeightOnlyConfig
+            from torchao.quantization.granularity import PerGroup
+
+            cfg = IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(128))
     else:
         cfg = {"int8wo": Int8WeightOnlyConfig(), "int8dq": Int8DynamicActivationInt8WeightConfig()}[scheme]
     quantize_(asr.model, cfg, filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) and fqn in names)
