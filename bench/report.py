@@ -140,9 +140,11 @@ class Recipe:
         return {i: (sum(u[i][0] for u in self.utts) / len(self.utts), self.utts[0][i][1]) for i in ids}
 
 
-def compare(a: Recipe, b: Recipe | None, resamples: int, metric: str = "errors") -> tuple[str | None, str | None]:
+def compare(a: Recipe, b: Recipe | None, resamples: int, metric: str = "errors",
+            on_b: bool = False) -> tuple[str | None, str | None]:
     """(Δ WER of a − b with its paired bootstrap 95 % interval over utterances, "better / worse" utterances);
-    a dagger marks an interval that excludes zero. metric "rare": the same for rare-WER."""
+    a dagger marks an interval that excludes zero. metric "rare": the same for rare-WER. `on_b`: b may hold a
+    subset of a's utterances (a --limit run against a full one), paired on b's."""
     from quasr.stats import align_utterances, better_worse, paired_bootstrap
 
     if b is None or a is b:
@@ -150,7 +152,7 @@ def compare(a: Recipe, b: Recipe | None, resamples: int, metric: str = "errors")
     ea, eb = a.metric(metric).mean_errors(), b.metric(metric).mean_errors()
     if ea is None or eb is None:
         return None, None
-    ids = align_utterances(ea, eb, "report")
+    ids = list(eb) if on_b and eb.keys() <= ea.keys() else align_utterances(ea, eb, "report")
     ci = paired_bootstrap([ea[i][0] for i in ids], [eb[i][0] for i in ids], [eb[i][1] for i in ids],
                           resamples=resamples)
     bw = better_worse([ea[i][0] for i in ids], [eb[i][0] for i in ids])
@@ -398,11 +400,12 @@ def ref_name(r: str) -> str:
 PEER_REFERENCE = {4: ("gptq", 128), 3: ("gptq", 128), 8: ("rtn", 128)}  # quasr's row each peer is paired with
 
 
-def peers(path: Path, decoding: str | None = None, resamples: int = 10_000) -> str:
+def peers(path: Path, decoding: str | None = None, resamples: int = 10_000, plot: bool = False) -> str:
     """Each peer's scheme beside quasr's recipes of the same model (from ptq.json): WER, rare-WER, size on disk,
     quantization seconds; and the paired interval of quasr's reference recipe at the peer's bit width (GPTQ G128,
     seed-mean; at 8 bits RTN) against the peer. CTranslate2 runs in its own decoder: it is compared with
-    CTranslate2 float32. Failed cells are listed with their error."""
+    CTranslate2 float32. Failed cells are listed with their error. With `plot`, WER against size on disk goes to
+    bench/results/peers.png (`python bench/report.py --readme` writes it)."""
     d = json.loads(path.read_text())
     recs = one_decoding([r for r in d["records"] if r["speaker"] is None], path, decoding)
     dec = next(iter({str(r.get("decoding")) for r in recs}), None)
@@ -424,11 +427,13 @@ def peers(path: Path, decoding: str | None = None, resamples: int = 10_000) -> s
     quasr_rows = group([r for r in ours if r["model"] in models and r.get("act_bits") is None],
                        lambda r: (r["model"], label_of(dict(r, **{k: r.get(k) for k in RECIPE_KEYS})), r.get("bits"),
                                   r.get("group_size")))
-    rows, pairs = [], []
+    rows, pairs, points = [], [], []
     for model in models:
         for key, by_set in [(k, v) for k, v in quasr_rows.items() if k[0] == model]:
             recipes = {s: Recipe(rs, main.parent) for s, rs in by_set.items()}
             first = next(iter(by_set.values()))[0]
+            points.append((model, f"quasr {key[1]} W{key[2] or 32}", first.get("size_mb"),
+                           {s: recipes[s].mean_std("wer")[0] for s in recipes}))
             w = f"W{key[2]}G{key[3]}" if key[2] and key[3] else (f"W{key[2]}" if key[2] else "FP32")
             rows.append([model, f"quasr {key[1]}", w]
                         + [pm(*recipes[s].mean_std("wer")[:2]) if s in recipes else None for s in sets]
@@ -438,6 +443,8 @@ def peers(path: Path, decoding: str | None = None, resamples: int = 10_000) -> s
             if m != model:
                 continue
             first = next(iter(by_set.values()))[0]
+            points.append((model, f"{method} W{first.get('bits') or 32}", first.get("size_mb"),
+                           {s: by_set[s][0]["wer"] for s in by_set}))
             rows.append([model, method, f"W{first['bits']}" + (f"G{first['group_size']}" if first.get("group_size")
                                                                  else "") if first.get("bits") else "FP32"]
                         + [by_set[s][0]["wer"] if s in by_set else None for s in sets]
@@ -458,23 +465,67 @@ def peers(path: Path, decoding: str | None = None, resamples: int = 10_000) -> s
             cells = []
             for s in sets:
                 mine = Recipe(by_set[s], path.parent) if s in by_set else None
-                c = compare(ref[s], mine, resamples) if mine and s in ref else (None, None)
+                c = compare(ref[s], mine, resamples, on_b=True) if mine and s in ref else (None, None)
                 cells += list(c)
             pairs.append([model, method, ref_name] + cells)
     out = [f"Decoding: {dec}; normalizer: {d['normalizer']}. Commands:", "", commands(d), "",
            "Every model below was transcribed and scored by quasr (same utterances, decoding and scorer). Sizes: "
-           "quasr's checkpoint directory; a peer's state dict as torch.save writes it (every weight, their FP32 "
-           "tied embedding included); CTranslate2: the bundled file (int8 is applied when it loads).", "",
+           "quasr's checkpoint directory; llm-compressor's compressed save (its safetensors files); the other "
+           "peers' state dict as torch.save writes it in the tool's storage (every weight, their FP32 tied "
+           "embedding included); CTranslate2: the bundled file (int8 is applied when it loads).", "",
+           f"![WER against size on disk, one point per recipe and peer](bench/results/{PEERS_PNG})", "",
            md(rows, ["model", "recipe", "weights"] + [f"WER {s} %" for s in sets] + [f"rare-WER {s} %" for s in sets]
               + ["MB", "quant s"]), "",
            f"Paired: Δ WER of the reference minus the peer (negative: the reference is better), 95 % bootstrap "
            f"interval over utterances, {resamples:,} resamples, † excludes zero; utterances better / worse:", "",
            md(pairs, ["model", "peer", "reference"] + [c for s in sets for c in (f"Δ {s}", f"better / worse {s}")])]
+    if plot:
+        peers_plot(points, sets, path.with_name(PEERS_PNG))
     if failed:
         out += ["", "Failed cells (their records keep the whole error):", ""]
         out += [f"- {r['model']} {r['method']} on {r['data']}: `{r['error'].strip().splitlines()[-1][:200]}`"
                 for r in failed]
     return "\n".join(out)
+
+
+PEERS_PNG = "peers.png"
+
+
+def peers_plot(points: list[tuple], sets: list[str], out: Path) -> None:
+    """WER against MB on disk, one panel per test set, a point per recipe (quasr: filled, peers: hollow) and a
+    marker per model; written atomically."""
+    import os
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(p[0] for p in points))
+    marks = dict(zip(models, "os^Dv"))
+    fig, axes = plt.subplots(1, len(sets), figsize=(6 * len(sets), 4.8), squeeze=False)
+    for ax, st in zip(axes[0], sets):
+        for model, name, mb, wer in points:
+            if mb is None or wer.get(st) is None:
+                continue
+            ours = name.startswith("quasr")
+            ax.scatter(mb, wer[st], marker=marks[model], s=40, facecolors="C0" if ours else "none",
+                       edgecolors="C0" if ours else "C3")
+            ax.annotate(name.replace("quasr ", ""), (mb, wer[st]), fontsize=6, xytext=(3, 2),
+                        textcoords="offset points")
+        ax.set_xlabel("MB on disk")
+        ax.set_ylabel(f"WER {st} %")
+        ax.set_title(st)
+        ax.grid(alpha=0.3)
+    handles = [plt.Line2D([], [], marker=marks[m], ls="", color="k", mfc="none", label=m) for m in models]
+    handles += [plt.Line2D([], [], marker="o", ls="", color="C0", label="quasr"),
+                plt.Line2D([], [], marker="o", ls="", color="C3", mfc="none", label="peer")]
+    axes[0][-1].legend(handles=handles, fontsize=7, loc="upper right")
+    fig.tight_layout()
+    tmp = out.with_name(f".{out.name}.tmp")
+    fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    os.replace(tmp, out)
 
 
 def selection(path: Path) -> str:
@@ -549,7 +600,8 @@ START, END = "<!-- results:start -->", "<!-- results:end -->"
 DEFAULT = ["ptq", "fade-select", "esc", "deploy", "peers"]
 
 
-def report(names: list[str], required: bool = True, decoding: str | None = None, resamples: int = 10_000) -> str:
+def report(names: list[str], required: bool = True, decoding: str | None = None, resamples: int = 10_000,
+           plot: bool = False) -> str:
     """The tables of bench/results/NAME.json for each name; a missing file is an error unless not required."""
     out = []
     for name in names:
@@ -565,7 +617,7 @@ def report(names: list[str], required: bool = True, decoding: str | None = None,
             elif name.startswith("pqm"):
                 body = pqm(path, decoding, resamples)
             elif name.startswith("peers"):
-                body = peers(path, decoding, resamples)
+                body = peers(path, decoding, resamples, plot)
             elif name == "fade-select":
                 body = selection(path)
             else:
@@ -585,7 +637,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.resamples <= 0:
         raise SystemExit(f"--resamples must be a positive number, got {args.resamples}")
-    text = report(args.names or DEFAULT, required=bool(args.names), decoding=args.decoding, resamples=args.resamples)
+    text = report(args.names or DEFAULT, required=bool(args.names), decoding=args.decoding, resamples=args.resamples,
+                  plot=args.readme)
     if not args.readme:
         print(text)
         return

@@ -292,3 +292,23 @@ def test_selection_report_marks_the_choice_by_its_criterion(tmp_path):
     assert "chosen by cross-entropy" in text
     path.write_text(json.dumps({"records": []}))
     assert "not finished" in report.selection(path)
+
+
+def test_peers_report_pairs_each_peer_with_quasr_and_draws_wer_against_size(tmp_path):
+    report = _load_report()
+    results = ResultsFile(tmp_path / "ptq.json", "ptq", option_keys=("embedding_bits",))
+    _cells(tmp_path, results, [("gptq", 0, [0] * 30), ("gptq", 1, [0] * 30)])
+    peers = ResultsFile(tmp_path / "peers.json", "peers", option_keys=("peer", "scheme"))
+    t = "transcripts/peer.jsonl"
+    (tmp_path / t).write_text("".join(json.dumps({"id": f"u{i}", "errors": 3, "n_ref": 10}) + "\n" for i in range(30)))
+    peers.add(record(model="m", method="tool:int4", bits=4, group_size=128, peer="tool", scheme="int4",
+                     decoding="standard", data="s", wer=30.0, rare_wer=0.0, n_utts=30, transcripts=t, size_mb=90.0))
+    peers.add(record(model="m", method="tool:int3", bits=3, group_size=128, peer="tool", scheme="int3",
+                     decoding="standard", data="s", error="Traceback ...\nRuntimeError: no kernel"))
+    text = report.peers(tmp_path / "peers.json", resamples=200, plot=True)
+    paired = [line for line in text.splitlines() if line.startswith("| m | tool:int4 | quasr gptq W4G128")]
+    assert paired and "†" in paired[0] and "30 / 0" in paired[0]  # every utterance better, interval clear of zero
+    assert "tool:int3 on s: `RuntimeError: no kernel`" in text  # a failed cell is listed, not dropped
+    png = tmp_path / "peers.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "](bench/results/peers.png)" in text
+    assert not list(tmp_path.glob(".peers.png*"))
