@@ -121,7 +121,7 @@ def chosen_defaults() -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     arguments(ap, seeds="")
-    ap.set_defaults(models="whisper-tiny.en,whisper-base")
+    ap.set_defaults(models="whisper-tiny.en,whisper-base", pad_weight=None)  # None: the one --select chose
     ap.add_argument("--select", action="store_true", help="choose the defaults on calib-dev (see above)")
     ap.add_argument("--bits", default=None, help="weight bits (default: per model, see BITS)")
     ap.add_argument("--variant", default=None, help="FADE variant (default: the one --select chose)")
@@ -134,8 +134,10 @@ def main() -> None:
         return
     chosen = chosen_defaults()
     variant = args.variant or chosen.get("variant") or VARIANTS[0]
-    if args.pad_weight == 1.0 and chosen.get("pad_weight") is not None:
-        args.pad_weight = chosen["pad_weight"]
+    if args.pad_weight is None:  # --pad-weight given (1 included) wins over the selection
+        args.pad_weight = chosen.get("pad_weight", 1.0)
+    print(f"FADE variant {variant}, padding-frame weight {args.pad_weight}"
+          f"{' (chosen on calib-dev)' if chosen else ''}", flush=True)
     decoding = parse_decoding(args.decoding)
     out = args.out or RESULTS / (f"fade-limit{args.limit}.json" if args.limit else "fade.json")
     results = ResultsFile(out, "fade", fresh=args.fresh, option_keys=OPTION_KEYS)
