@@ -203,12 +203,14 @@ class ResultsFile:
         return tuple(json.dumps(rec.get(k), sort_keys=True) for k in self.keys)
 
     def done(self, rec: dict) -> bool:
-        """Whether a record with the same cell key (missing keys count as None) is already stored (in the file as
-        it is now: another run may have added or removed cells)."""
+        """Whether a measurement with the same cell key (missing keys count as None) is already stored (in the file
+        as it is now: another run may have added or removed cells). A record of a failure (it has an "error") is
+        not a measurement: whether to run a failed cell again is the caller's choice (bench/peers/run.py
+        --retry-failed), and once it runs, it is measured."""
         if self.path.exists():
             self.data["records"] = json.loads(self.path.read_text()).get("records", [])
         k = self.key(rec)
-        return any(self.key(r) == k for r in self.records)
+        return any(self.key(r) == k and not r.get("error") for r in self.records)
 
     def add(self, *recs: dict) -> None:
         """Append records (replacing any with the same cell key) and rewrite the file atomically.

@@ -312,3 +312,14 @@ def test_peers_report_pairs_each_peer_with_quasr_and_draws_wer_against_size(tmp_
     png = tmp_path / "peers.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "](bench/results/peers.png)" in text
     assert not list(tmp_path.glob(".peers.png*"))
+
+
+def test_a_recorded_failure_is_not_a_measurement(tmp_path):
+    """A peer's failed cell keeps a record with its error; running the cell again (peers --retry-failed) must
+    measure it, not skip it as done (the retry once only re-sized the failure records)."""
+    results = ResultsFile(tmp_path / "r.json", "peers", option_keys=("peer",))
+    cell = dict(model="m", method="tool:x", peer="tool", decoding="standard", data="s", speaker=None)
+    results.add(record(**cell, error="RuntimeError: no kernel"))
+    assert not results.done(cell)
+    results.add(record(**cell, wer=12.0, n_utts=3))
+    assert results.done(cell) and len(results.records) == 1 and "error" not in results.records[0]
