@@ -42,31 +42,54 @@ def dev_wer(results: ResultsFile, **keys) -> float | None:
     return sum(r["wer"] for r in recs) / len(recs) if recs else None
 
 
-def dev_ce(model: str, tags: list[str], cache) -> float | None:
-    """Mean over the cells `tags` (seeds) of the teacher-forced cross-entropy (nats/token) of their checkpoints on
-    the calib-dev utterances, all tokenized once by `model` (quasr.evaluate.token_cross_entropy)."""
+def dev_ce(results: ResultsFile, model: str, tags: list[str], cache) -> tuple[list[float], list[int]] | None:
+    """Per calib-dev utterance, the teacher-forced cross-entropy (nats) of the cells `tags` averaged over them
+    (the seed-mean model), and its target-token counts; every checkpoint reads the same token ids, tokenized once
+    by `model` (quasr.evaluate.token_cross_entropy). Each checkpoint's values are kept in the results file
+    ("ce"), so a rerun does not compute them again."""
     from quasr import checkpoint
     from quasr.data import load_source
     from quasr.evaluate import teacher_forced_batches, token_cross_entropy
     from quasr.models import load_model
     from quasr.models.whisper import WINDOW_SECONDS
 
-    tags = [t for t in tags if (cache / t).is_dir()]
+    store = results.data.setdefault("ce", {})
+    tags = [t for t in tags if t in store or (cache / t).is_dir()]
     if not tags:
         return None
     utts = [u for s in SELECT_DATA.split(",") for u in load_source(s) if u.seconds <= WINDOW_SECONDS]
-    batches = teacher_forced_batches(load_model(model), utts)
-    ces = []
+    ids = [u.id for u in utts]
+    batches = None
     for t in tags:
-        nats, counts = token_cross_entropy(checkpoint.load(cache / t), batches)
-        ces.append(sum(nats) / sum(counts))
-        print(f"   dev cross-entropy {ces[-1]:.4f} nats/token  {t}", flush=True)
-    return round(sum(ces) / len(ces), 5)
+        if store.get(t, {}).get("ids") != ids:
+            batches = batches or teacher_forced_batches(load_model(model), utts)
+            nats, counts = token_cross_entropy(checkpoint.load(cache / t), batches)
+            store[t] = {"ids": ids, "nats": [round(x, 5) for x in nats], "counts": counts}
+            results.add()
+        print(f"   dev cross-entropy {sum(store[t]['nats']) / sum(store[t]['counts']):.4f} nats/token  {t}", flush=True)
+    nats = [sum(store[t]["nats"][i] for t in tags) / len(tags) for i in range(len(ids))]
+    return nats, store[tags[0]]["counts"]
+
+
+def ce_mean(ce) -> float | None:
+    return None if ce is None else round(sum(ce[0]) / sum(ce[1]), 5)
+
+
+def ce_vs(ce, ref) -> list[float] | None:
+    """[Δ, lo, hi] nats/token of `ce` minus `ref`, paired bootstrap 95 % interval over the utterances."""
+    from quasr.stats import paired_bootstrap
+
+    if ce is None or ref is None:
+        return None
+    iv = paired_bootstrap(ce[0], ref[0], ref[1])  # points of "errors per 100 words": here nats per 100 tokens
+    return [round(iv.diff / 100, 5), round(iv.lo / 100, 5), round(iv.hi / 100, 5)]
 
 
 def select(args) -> dict:
     """Measure the candidates on calib-dev and return the chosen {"variant", "pad_weight"}: by `--criterion`,
-    the teacher-forced cross-entropy (default) or the WER of the dev sets, each the mean over two seeds."""
+    the teacher-forced cross-entropy (default) or the WER of the dev sets, each of the seed-mean model over two
+    seeds. The padding weight leaves 1 only for a candidate whose paired cross-entropy interval against 1 lies
+    below zero on some model and is not worse on any (a default every method shares does not move on noise)."""
     from quasr.paths import cache_dir
 
     args.calib, args.data = SELECT_CALIB, SELECT_DATA
@@ -74,6 +97,8 @@ def select(args) -> dict:
     data = parse_data(args.data, args.limit)
     out = RESULTS / "fade-select.json"
     results = ResultsFile(out, "fade-select", option_keys=OPTION_KEYS)
+    if out.exists():  # the per-utterance cross-entropies measured before (dev_ce)
+        results.data["ce"] = json.loads(out.read_text()).get("ce", {})
     cache = cache_dir("bench", "fade-select")
     seeds = [0, 1]
     models = args.models.split(",")
@@ -96,14 +121,28 @@ def select(args) -> dict:
     wer = {"pad_weight": {p: [dev_wer(results, model=m, method="gptq", pad_weight=None if p == 1.0 else p)
                               for m in models] for p in PAD_WEIGHTS},
            "variant": {v: dev_wer(results, model=model, method="fade", variant=v) for v in VARIANTS}}
-    ce = {"pad_weight": {p: [dev_ce(m, pw_cells[m, p], cache) for m in models] for p in PAD_WEIGHTS},
-          "variant": {v: dev_ce(model, v_cells[v], cache) for v in VARIANTS}}
+    pw_ce = {(m, p): dev_ce(results, m, pw_cells[m, p], cache) for m in models for p in PAD_WEIGHTS}
+    v_ce = {v: dev_ce(results, model, v_cells[v], cache) for v in VARIANTS}
+    ce = {"pad_weight": {p: [ce_mean(pw_ce[m, p]) for m in models] for p in PAD_WEIGHTS},
+          "variant": {v: ce_mean(v_ce[v]) for v in VARIANTS}}
+    # the padding weight changes every method's default: it moves off 1 (as at inference) only if the lowest
+    # candidate's paired interval against 1 excludes zero on some model and is not worse on any
+    vs_one = {p: [ce_vs(pw_ce[m, p], pw_ce[m, 1.0]) for m in models] for p in PAD_WEIGHTS if p != 1.0}
     crit = ce if args.criterion == "ce" else wer
-    chosen = {"pad_weight": min(PAD_WEIGHTS, key=lambda p: sum(x for x in crit["pad_weight"][p] if x is not None)),
+    best_pw = min(PAD_WEIGHTS, key=lambda p: sum(x for x in crit["pad_weight"][p] if x is not None))
+    if args.criterion == "ce" and best_pw != 1.0:
+        ivs = [iv for iv in vs_one[best_pw] if iv]
+        if not (any(iv[2] < 0 for iv in ivs) and all(iv[1] < 0 for iv in ivs)):
+            best_pw = 1.0
+    chosen = {"pad_weight": best_pw,
               "variant": min(VARIANTS, key=lambda v: crit["variant"][v] if crit["variant"][v] is not None else 1e9),
               "criterion": args.criterion, "models": models,
               "dev_wer": {"pad_weight": {str(p): w for p, w in wer["pad_weight"].items()}, "variant": wer["variant"]},
               "dev_ce": {"pad_weight": {str(p): w for p, w in ce["pad_weight"].items()}, "variant": ce["variant"]},
+              "dev_ce_vs_pad_weight_1": {str(p): v for p, v in vs_one.items()},
+              "dev_ce_vs_best_variant": {v: ce_vs(v_ce[v], v_ce[min(ce["variant"], key=lambda k: ce["variant"][k]
+                                                                       if ce["variant"][k] is not None else 1e9)])
+                                         for v in VARIANTS},
               "data": SELECT_DATA, "calib": SELECT_CALIB, "seeds": seeds}
     results.data["chosen"] = chosen
     results.add()
