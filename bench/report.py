@@ -530,26 +530,39 @@ def peers_plot(points: list[tuple], sets: list[str], out: Path) -> None:
 
 def selection(path: Path) -> str:
     """FADE's defaults chosen on calib-dev (bench/fade.py --select): each candidate's dev cross-entropy and dev WER
-    (means over the selection's seeds), the chosen one marked."""
+    (the seed-mean model over the selection's seeds), the paired cross-entropy interval against the incumbent
+    (padding weight 1) or the best variant, the chosen one marked."""
     d = json.loads(path.read_text())
     ch = d.get("chosen")
     if not ch:
         return "(the selection has not finished: no choice recorded)"
     crit = ch.get("criterion", "wer")
     models = ch.get("models") or sorted({r["model"] for r in d["records"]})
+
+    def iv(x):
+        return "-" if not x else f"{x[0]:+.4f} [{x[1]:+.4f}, {x[2]:+.4f}]" + (" †" if x[1] > 0 or x[2] < 0 else "")
+
     rows = []
+    vs_one = ch.get("dev_ce_vs_pad_weight_1") or {}
     for p, ces in (ch.get("dev_ce") or {}).get("pad_weight", {}).items():
         wers = ch["dev_wer"]["pad_weight"].get(p) or [None] * len(models)
         mark = " ✓" if float(p) == ch["pad_weight"] else ""
-        rows.append([f"GPTQ W4G128, padding weight {p}{mark}"] + [f"{fmt(c, 4)} / {fmt(w)}" for c, w in zip(ces, wers)])
+        rows.append([f"GPTQ W4G128, padding weight {p}{mark}"]
+                    + [f"{fmt(c, 4)} / {fmt(w)} / {iv(x)}" for c, w, x in
+                       zip(ces, wers, vs_one.get(p) or [None] * len(models))])
+    vs_best = ch.get("dev_ce_vs_best_variant") or {}
     for v, c in (ch.get("dev_ce") or {}).get("variant", {}).items():
         w = ch["dev_wer"]["variant"].get(v)
         mark = " ✓" if v == ch["variant"] else ""
-        rows.append([f"FADE W3G128 `{v}`{mark}"] + [f"{fmt(c, 4)} / {fmt(w)}"] + ["-"] * (len(models) - 1))
+        rows.append([f"FADE W3G128 `{v}`{mark}"] + [f"{fmt(c, 4)} / {fmt(w)} / {iv(vs_best.get(v))}"]
+                    + ["-"] * (len(models) - 1))
     head = [f"candidate (✓ chosen by {'cross-entropy' if crit == 'ce' else 'WER'})"]
-    head += [f"{m}: dev nats/token / WER %" for m in models]
-    note = (f"Calibrated on {ch['calib']}, scored on {ch['data']} (never the test sets), seeds "
-            f"{', '.join(map(str, ch['seeds']))}; FADE's variants on {models[0]} only.")
+    head += [f"{m}: dev nats/token / WER % / Δ nats [95 %]" for m in models]
+    note = (f"Calibrated on {ch['calib']}, scored on {ch['data']} (never the test sets); the seed-mean model of "
+            f"seeds {', '.join(map(str, ch['seeds']))}; FADE's variants on {models[0]} only. Δ: paired bootstrap "
+            "interval over utterances of the candidate's cross-entropy minus padding weight 1's (padding rows) or "
+            "the best variant's (variant rows); † excludes zero. The padding weight leaves 1 only for an interval "
+            "below zero on some model and not above on any.")
     return note + "\n\n" + md(rows, head)
 
 

@@ -280,6 +280,7 @@ def test_selection_report_marks_the_choice_by_its_criterion(tmp_path):
     chosen = {"pad_weight": 0.25, "variant": "split", "criterion": "ce", "models": ["a", "b"],
               "dev_ce": {"pad_weight": {"1.0": [0.61, 0.50], "0.25": [0.60, 0.49]}, "variant": {"split": 0.7, "size": 0.8}},
               "dev_wer": {"pad_weight": {"1.0": [9.0, 8.0], "0.25": [9.5, 8.2]}, "variant": {"split": 20.0, "size": 18.0}},
+              "dev_ce_vs_pad_weight_1": {"0.25": [[-0.01, -0.02, -0.001], [-0.01, -0.03, 0.01]]},
               "data": "x:calib-dev", "calib": "x:calib-fit", "seeds": [0, 1]}
     path = tmp_path / "fade-select.json"
     path.write_text(json.dumps({"records": [], "chosen": chosen}))
@@ -288,6 +289,8 @@ def test_selection_report_marks_the_choice_by_its_criterion(tmp_path):
     assert "GPTQ W4G128, padding weight 0.25 ✓" in lines and "GPTQ W4G128, padding weight 1.0" in lines
     assert "0.6000 / 9.50" in lines["GPTQ W4G128, padding weight 0.25 ✓"]
     assert "0.4900 / 8.20" in lines["GPTQ W4G128, padding weight 0.25 ✓"]
+    cells = lines["GPTQ W4G128, padding weight 0.25 ✓"].split("|")
+    assert cells[2].strip().endswith("-0.0100 [-0.0200, -0.0010] †") and "†" not in cells[3]
     assert "FADE W3G128 `split` ✓" in lines and "FADE W3G128 `size`" in lines
     assert "chosen by cross-entropy" in text
     path.write_text(json.dumps({"records": []}))
