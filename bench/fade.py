@@ -24,7 +24,7 @@ from ptq import RESULTS, arguments, cell  # noqa: E402
 
 from quasr.bench import OPTION_KEYS, measure, measure_fp, parse_data  # noqa: E402
 from quasr.decoding import parse_decoding  # noqa: E402
-from quasr.methods.fade import VARIANTS  # noqa: E402
+from quasr.methods.fade import DEFAULT_VARIANT, VARIANTS  # noqa: E402
 from quasr.models.whisper import quiet_transformers  # noqa: E402
 from quasr.results import ResultsFile  # noqa: E402
 
@@ -172,7 +172,7 @@ def main() -> None:
         select(args)
         return
     chosen = chosen_defaults()
-    variant = args.variant or chosen.get("variant") or VARIANTS[0]
+    variant = args.variant or chosen.get("variant") or DEFAULT_VARIANT
     if args.pad_weight is None:  # --pad-weight given (1 included) wins over the selection
         args.pad_weight = chosen.get("pad_weight", 1.0)
     print(f"FADE variant {variant}, padding-frame weight {args.pad_weight}"

@@ -540,6 +540,8 @@ def selection(path: Path) -> str:
     models = ch.get("models") or sorted({r["model"] for r in d["records"]})
 
     def iv(x):
+        if x == [0.0, 0.0, 0.0]:
+            return "(reference)"
         return "-" if not x else f"{x[0]:+.4f} [{x[1]:+.4f}, {x[2]:+.4f}]" + (" †" if x[1] > 0 or x[2] < 0 else "")
 
     rows = []

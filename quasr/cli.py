@@ -290,8 +290,8 @@ def quantize_cmd(
     bits: int = typer.Option(4, help="Weight bits, 2-8"),
     group_size: Optional[int] = typer.Option(None, help=GROUP_HELP),
     alpha: Optional[float] = typer.Option(None, help=ALPHA_HELP),
-    variant: Optional[str] = typer.Option(None, help="The method's variant (fade: split-vuln, split, size-vuln, "
-                                                     "split-size-vuln)"),
+    variant: Optional[str] = typer.Option(None, help="The method's variant (fade: split-size-vuln (default), "
+                                                     "split-vuln, split, size-vuln)"),
     sym: bool = typer.Option(False, help="Symmetric grid (no zero points)"),
     act_order: bool = typer.Option(False, help="GPTQ: columns by decreasing Hessian diagonal (static groups)"),
     mse: bool = typer.Option(False, help="Search a clipped range per group (MSE)"),

@@ -108,4 +108,4 @@ def test_fade_on_tiny_sets_alpha_per_layer():
     assert all(0 <= a <= 1 for a in alphas) and max(alphas) - min(alphas) > 0.2  # it does vary by layer
     for r in rows:
         assert {"v", "v_w", "v_g", "r", "r_split", "r_size", "err", "err_rtn"} <= r.keys()
-    assert asr.recipe["variant"] == "split-vuln" and get_method("fade").needs_fp_stream
+    assert asr.recipe["variant"] == "split-size-vuln" and get_method("fade").needs_fp_stream

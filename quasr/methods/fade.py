@@ -26,7 +26,7 @@ moves the weight it must then round; a correction the two halves disagree on is 
 α_max is `alpha` (default 1). Every factor goes into the layer's diagnostics (checkpoint, `quasr info`).
 
 Variants: split-vuln (r = split, with v), split (r = split, v = 0), size-vuln (r = size, with v),
-split-size-vuln (r = split · size, with v).
+split-size-vuln (r = split · size, with v; the default, chosen on calib-dev: DEFAULT_VARIANT).
 """
 from __future__ import annotations
 
@@ -37,6 +37,9 @@ from quasr.quant.gptq import gptq, qep_correct
 from quasr.quant.grid import rtn
 
 VARIANTS = ("split-vuln", "split", "size-vuln", "split-size-vuln")
+# chosen on held-in data, not the test sets: `python bench/fade.py --select` (tiny.en W3G128, calib-dev
+# cross-entropy and WER, two seeds; bench/results/fade-select.json, docs/methods/fade.md)
+DEFAULT_VARIANT = "split-size-vuln"
 MIN_CALIB = 4  # two halves of at least two utterances each
 
 
@@ -100,7 +103,7 @@ def _out_err(D: torch.Tensor, H: torch.Tensor) -> float:
 def diagnose(W: torch.Tensor, stats, cfg, name: str, ctx: dict) -> dict:
     """v, r and the correction ΔW of one layer (see the module docstring)."""
     grid, damp = cfg.grid(), cfg.percdamp
-    variant = cfg.variant or VARIANTS[0]
+    variant = cfg.variant or DEFAULT_VARIANT
     H, Hd = stats.H, stats.H_delta
     dW = qep_correct(W, H, Hd, 1.0, percdamp=damp, name=name) - W
     H_A, Hd_A = stats.extra["H_A"], stats.extra["Hd_A"]
@@ -129,5 +132,5 @@ def solve(W, stats, cfg, name, ctx=None):
 
 
 register(Method("fade", solve, needs_fp_stream=True, default_alpha=1.0, min_calib=MIN_CALIB, accumulate=accumulate,
-                prepare=prepare, variants=VARIANTS, default_variant=VARIANTS[0],
+                prepare=prepare, variants=VARIANTS, default_variant=DEFAULT_VARIANT,
                 doc="FADE: per-layer compensation strength from vulnerability and reliability"))
