@@ -173,10 +173,12 @@ def main() -> None:
         return
     chosen = chosen_defaults()
     variant = args.variant or chosen.get("variant") or DEFAULT_VARIANT
-    if args.pad_weight is None:  # --pad-weight given (1 included) wins over the selection
+    given = args.pad_weight is not None  # --pad-weight given (1 included) wins over the selection
+    if not given:
         args.pad_weight = chosen.get("pad_weight", 1.0)
-    print(f"FADE variant {variant}, padding-frame weight {args.pad_weight}"
-          f"{' (chosen on calib-dev)' if chosen else ''}", flush=True)
+    print(f"FADE variant {variant} ({'given' if args.variant else 'chosen on calib-dev' if chosen else 'default'}), "
+          f"padding-frame weight {args.pad_weight} ({'given' if given else 'chosen on calib-dev' if chosen else 'default'})",
+          flush=True)
     decoding = parse_decoding(args.decoding)
     out = args.out or RESULTS / (f"fade-limit{args.limit}.json" if args.limit else "fade.json")
     results = ResultsFile(out, "fade", fresh=args.fresh, option_keys=OPTION_KEYS)
