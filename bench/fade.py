@@ -8,8 +8,9 @@
 --select never looks at the test sets: it calibrates on the calib-fit part of the calibration sets and scores
 on their held-out calib-dev part (quasr.data.held_out), two seeds per candidate, and writes
 bench/results/fade-select.json; the grid then uses the candidates with the lowest mean teacher-forced
-cross-entropy there (--criterion wer: the lowest dev WER; both are recorded), or the --variant / --pad-weight given. Cells that bench/ptq.py measured with the same recipe, seed, decoding and
-set are copied from ptq.json instead of measured again.
+cross-entropy there (--criterion wer: the lowest dev WER; both are recorded; the padding weight leaves 1 only on
+an interval clear of zero), or the --variant / --pad-weight given. Cells that bench/ptq.py measured with the same
+recipe, seed, decoding and set are copied from ptq.json instead of measured again.
 """
 from __future__ import annotations
 
