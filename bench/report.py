@@ -399,8 +399,12 @@ def ref_name(r: str) -> str:
 
 # quasr's rows each peer is paired with, by the peer's bits: GPTQ (the same algorithm as llm-compressor's), and QEP
 # α=0.5 (the compensation strength calib-dev chose for the whisper.cpp files, bench/results/selection/; at W3G128
-# it is also the lowest-WER α, a test-set fact, so it is not called "chosen" there)
-PEER_REFERENCE = {4: (("gptq", 128), ("qep α=0.5", 128)), 3: (("gptq", 128), ("qep α=0.5", 128)), 8: (("rtn", 128),)}
+# it is also the lowest-WER α, a test-set fact, so it is not called "chosen" there); and FADE with the defaults
+# calib-dev chose (bench/results/fade-select.json), where fade.json has it
+PEER_REFERENCE = {4: (("gptq", 128), ("qep α=0.5", 128), ("fade (split-size-vuln)", 128)),
+                  3: (("gptq", 128), ("qep α=0.5", 128), ("fade (split-size-vuln)", 128)), 8: (("rtn", 128),)}
+# quasr's rows besides ptq.json's: each method benchmark's own method (its other rows are copies of ptq.json's)
+METHOD_FILES = {"fade.json": ("fade",), "tarq.json": ("tarq",)}
 
 
 def peers(path: Path, decoding: str | None = None, resamples: int = 10_000, plot: bool = False) -> str:
@@ -417,6 +421,12 @@ def peers(path: Path, decoding: str | None = None, resamples: int = 10_000, plot
     main = path.with_name("ptq.json")
     ours = one_decoding([r for r in json.loads(main.read_text())["records"] if r["speaker"] is None], main, dec) \
         if main.exists() else []
+    for name, methods in METHOD_FILES.items():
+        f = path.with_name(name)
+        if f.exists():
+            rs = [r for r in json.loads(f.read_text())["records"] if r["speaker"] is None and r["method"] in methods
+                  and not r.get("error") and str(r.get("decoding")) == str(dec)]
+            ours += rs
     sets = list(dict.fromkeys(r["data"] for r in recs))
     models = list(dict.fromkeys(r["model"] for r in recs))
 

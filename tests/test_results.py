@@ -308,9 +308,14 @@ def test_peers_report_pairs_each_peer_with_quasr_and_draws_wer_against_size(tmp_
                      decoding="standard", data="s", wer=30.0, rare_wer=0.0, n_utts=30, transcripts=t, size_mb=90.0))
     peers.add(record(model="m", method="tool:int3", bits=3, group_size=128, peer="tool", scheme="int3",
                      decoding="standard", data="s", error="Traceback ...\nRuntimeError: no kernel"))
+    # a method benchmark's file: its own method joins quasr's rows, its copies of ptq.json's cells do not repeat
+    fade = ResultsFile(tmp_path / "fade.json", "fade", option_keys=("embedding_bits", "layers", "variant"))
+    _cells(tmp_path, fade, [("gptq", 0, [0] * 30), ("fade", 0, [5] * 30)])
     text = report.peers(tmp_path / "peers.json", resamples=200, plot=True)
     paired = [line for line in text.splitlines() if line.startswith("| m | tool:int4 | quasr gptq W4G128")]
     assert paired and "†" in paired[0] and "30 / 0" in paired[0]  # every utterance better, interval clear of zero
+    assert len([line for line in text.splitlines() if line.startswith("| m | quasr gptq |")]) == 1
+    assert [line for line in text.splitlines() if line.startswith("| m | quasr fade | W4G128 | 50.00")]
     assert "tool:int3 on s: `RuntimeError: no kernel`" in text  # a failed cell is listed, not dropped
     png = tmp_path / "peers.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "](bench/results/peers.png)" in text
