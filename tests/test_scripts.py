@@ -1,0 +1,44 @@
+"""The analysis scripts whose numbers the README quotes."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[1]
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _transcripts(path: Path, errors: list[int], ids=None) -> None:
+    ids = ids or [f"u{i}" for i in range(len(errors))]
+    path.write_text("".join(json.dumps({"id": i, "errors": e, "n_ref": 10}) + "\n" for i, e in zip(ids, errors)))
+
+
+def test_paired_seed_means_averages_each_utterance_over_seeds(tmp_path, monkeypatch, capsys):
+    """A's seeds disagree (0 and 2 errors: mean 1), B has 3 errors on every utterance: A − B is −20 points on
+    every resample, A better on all; a mismatch of utterances between the recipes is refused."""
+    mod = _script("paired_seed_means")
+    n = 40
+    for s in ("asterisk_test", "tts_test"):
+        _transcripts(tmp_path / f"a-seed=0-{s}.jsonl", [0] * n)
+        _transcripts(tmp_path / f"a-seed=1-{s}.jsonl", [2] * n)
+        _transcripts(tmp_path / f"b-seed=0-{s}.jsonl", [3] * n)
+    monkeypatch.setattr("sys.argv", ["x", str(tmp_path / "a-seed=?-{set}.jsonl"), str(tmp_path / "b-seed=?-{set}.jsonl")])
+    mod.main()
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 2 and all("A (2 seeds) − B (1 seeds)" in line for line in out)
+    assert all("-20.00 [-20.00, -20.00]" in line and f"{n} / 0 utterances" in line for line in out)
+    _transcripts(tmp_path / "b-seed=0-asterisk_test.jsonl", [3] * n, ids=[f"v{i}" for i in range(n)])
+    with pytest.raises(SystemExit, match="different utterances"):
+        mod.main()
+    _transcripts(tmp_path / "a-seed=1-asterisk_test.jsonl", [2] * (n - 1))
+    with pytest.raises(SystemExit, match="hold different utterances"):
+        mod.main()
