@@ -31,7 +31,8 @@ def test_paired_seed_means_averages_each_utterance_over_seeds(tmp_path, monkeypa
         _transcripts(tmp_path / f"a-seed=0-{s}.jsonl", [0] * n)
         _transcripts(tmp_path / f"a-seed=1-{s}.jsonl", [2] * n)
         _transcripts(tmp_path / f"b-seed=0-{s}.jsonl", [3] * n)
-    monkeypatch.setattr("sys.argv", ["x", str(tmp_path / "a-seed=?-{set}.jsonl"), str(tmp_path / "b-seed=?-{set}.jsonl")])
+    monkeypatch.setattr("sys.argv", ["x", str(tmp_path / "a-seed=?-{set}.jsonl"),
+                                     str(tmp_path / "b-seed=?-{set}.jsonl")])
     mod.main()
     out = capsys.readouterr().out.splitlines()
     assert len(out) == 2 and all("A (2 seeds) − B (1 seeds)" in line for line in out)
