@@ -324,8 +324,10 @@ def quantize_(asr, cfg: QuantConfig, calib=(), progress: bool = True, on_layer=N
     if method.needs_calibration and len(calib) < need:
         raise QuantConfigError(f"{cfg.method} needs calibration utterances: got {len(calib)}, need at least "
                                f"{need} (use --calib and --n-calib)", option="n_calib")
-    report = QuantReport(cfg, n_calib=len(calib) if method.needs_calibration else 0,
-                         calib_ids=[u.id for u in calib] if method.needs_calibration else [])
+    # the draw is recorded whenever anything calibrated on it: the weights, or static activation scales (and ESC)
+    uses_calib = method.needs_calibration or (cfg.act_bits is not None and cfg.act_mode == "static")
+    report = QuantReport(cfg, n_calib=len(calib) if uses_calib else 0,
+                         calib_ids=[u.id for u in calib] if uses_calib else [])
     quantized: dict[str, QuantizedWeight] = {}
     run = _Run(method, cfg, quantized, report, on_layer)
     if method.prepare is not None:

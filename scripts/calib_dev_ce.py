@@ -23,12 +23,16 @@ from quasr.stats import paired_bootstrap
 
 
 def calib_ids(spec: str) -> set[str]:
+    """Every utterance id a checkpoint calibrated anything on: its weights' draw, its activation scales' sample,
+    and its ESC search's fitness subset (a bundled model: none)."""
     meta = Path(spec) / "quasr_checkpoint.json"
     if not meta.exists():
         return set()
     rec = json.loads(meta.read_text())
     recipe = rec.get("recipe", rec)
-    return set(recipe.get("calib_ids") or [])
+    acts = (recipe.get("method_info") or {}).get("activations") or {}
+    return (set(recipe.get("calib_ids") or []) | set(acts.get("calibration_ids") or [])
+            | set((acts.get("esc") or {}).get("subset_ids") or []))
 
 
 def text_model(spec: str) -> str:

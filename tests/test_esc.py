@@ -134,6 +134,8 @@ def test_w8a8_checkpoint_carries_its_activation_scales(tmp_path):
     asr, rep = _w8a8()
     info = rep.method_info["activations"]
     assert info["bits"] == 8 and info["calibrator"] == "mse" and info["modules"] > 60
+    # RTN weights calibrate nothing, the activation scales do: the draw is recorded (held-out checks exclude it)
+    assert rep.calib_ids == [u.id for u in _calib()] and rep.n_calib == len(rep.calib_ids)
     scales = {n: float(m.input_scale) for n, m in asr.model.named_modules()
               if isinstance(m, (QuantizedLinear, QuantizedInput))}
     assert len(set(scales.values())) > 30  # one scale a layer, set from that layer's inputs
@@ -174,6 +176,7 @@ def test_esc_search_resumes_after_a_kill_to_the_same_scales(tmp_path, monkeypatc
     ref = esc.search(asr, modules, local, calib, esc.EscOptions(**opts), cfg, progress=False)
     ref_scales = {n: float(m.input_scale) for n, m in modules.items()}
     assert ref["generations"] == 2 and ref["evaluations"] == 10
+    assert len(ref["subset_ids"]) == 1 and ref["subset_ids"][0] in {u.id for u in calib}  # what the fitness saw
     assert ref_scales != local and ref["max_abs_offset"] > 0
 
     state = tmp_path / "state.pkl"

@@ -43,3 +43,16 @@ def test_paired_seed_means_averages_each_utterance_over_seeds(tmp_path, monkeypa
     _transcripts(tmp_path / "a-seed=1-asterisk_test.jsonl", [2] * (n - 1))
     with pytest.raises(SystemExit, match="hold different utterances"):
         mod.main()
+
+
+def test_calib_dev_ce_excludes_every_utterance_a_checkpoint_calibrated_on(tmp_path):
+    """Weights' draw, the activation scales' sample and the ESC fitness subset are all in-sample for a checkpoint:
+    a held-out cross-entropy must leave out each of them."""
+    mod = _script("calib_dev_ce")
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    (ck / "quasr_checkpoint.json").write_text(json.dumps({"recipe": {
+        "model": "whisper-tiny.en", "calib_ids": ["w1", "w2"],
+        "method_info": {"activations": {"calibration_ids": ["a1"], "esc": {"subset_ids": ["e1", "w1"]}}}}}))
+    assert mod.calib_ids(str(ck)) == {"w1", "w2", "a1", "e1"}
+    assert mod.calib_ids("whisper-tiny.en") == set() and mod.text_model(str(ck)) == "whisper-tiny.en"

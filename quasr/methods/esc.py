@@ -165,4 +165,4 @@ def search(asr, modules: dict, local: dict[str, float], calib, opts: EscOptions,
     return {"evaluations": evals + 1, "population": es.population_size, "dims": dim, "fitness": opts.fitness,
             "start_fitness": history[0]["mean_fitness"], "final_fitness": final, "best_sample": best,
             "generations": len(history) - 1, "seconds": round(time.perf_counter() - t0, 1),
-            "max_abs_offset": float(np.abs(mean).max()), "history": history}
+            "max_abs_offset": float(np.abs(mean).max()), "history": history, "subset_ids": [u.id for u in held]}
