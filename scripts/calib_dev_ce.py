@@ -2,6 +2,7 @@
 on: the criterion for choosing a recipe option without looking at the test sets.
 
     python scripts/calib_dev_ce.py REFERENCE MODEL [MODEL ...] [--sets asterisk:calib-dev,tts:calib-dev]
+    python scripts/calib_dev_ce.py CK_W8A8_MSE CK_W8A8_ESC --exclude-draw asterisk:calib+tts:calib:128:0
 
 Each MODEL is a bundled name or a quasr checkpoint directory. The utterances are the calib-dev parts of the sets
 (quasr.data.held_out: a fixed quarter of each calibration split) minus every id in any checkpoint's calibration
@@ -48,9 +49,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("models", nargs="+")
     ap.add_argument("--sets", default="asterisk:calib-dev,tts:calib-dev")
+    ap.add_argument("--exclude-draw", default=None, metavar="SOURCES:N:SEED",
+                    help="also leave out quasr quantize's calibration draw of N utterances from SOURCES with SEED "
+                         "(e.g. asterisk:calib+tts:calib:128:0), for checkpoints that did not record it")
     args = ap.parse_args()
     quiet_transformers()
     used = set().union(*(calib_ids(m) for m in args.models))
+    if args.exclude_draw:
+        from quasr.cli import _calibration
+
+        sources, n, seed = args.exclude_draw.rsplit(":", 2)
+        used |= {u.id for u in _calibration(sources.split("+"), int(n), int(seed), False)}
     utts = [u for s in args.sets.split(",") for u in load_source(s)
             if u.id not in used and u.seconds <= WINDOW_SECONDS]
     if not utts:
