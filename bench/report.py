@@ -627,7 +627,7 @@ TITLES = {"baseline": "Full precision", "ptq": "Weight-only post-training quanti
           "esc": "ESC: full-integer quantization (weights and activations)",
           "peers": "Side by side with the tools users pick today"}
 START, END = "<!-- results:start -->", "<!-- results:end -->"
-DEFAULT = ["ptq", "fade", "fade-select", "esc", "deploy", "peers"]
+DEFAULT = ["ptq", "fade", "fade-select", "tarq", "tarq-swing", "pqm", "esc", "deploy", "peers"]
 
 
 def report(names: list[str], required: bool = True, decoding: str | None = None, resamples: int = 10_000,
