@@ -58,8 +58,11 @@ def main() -> None:
     if args.exclude_draw:
         from quasr.cli import _calibration
 
-        sources, n, seed = args.exclude_draw.rsplit(":", 2)
-        used |= {u.id for u in _calibration(sources.split("+"), int(n), int(seed), False)}
+        parts = args.exclude_draw.rsplit(":", 2)
+        if len(parts) != 3 or not parts[1].isdigit() or not parts[2].lstrip("-").isdigit():
+            raise SystemExit(f"error: --exclude-draw {args.exclude_draw!r}: expected SOURCES:N:SEED, e.g. "
+                             "asterisk:calib+tts:calib:128:0")
+        used |= {u.id for u in _calibration(parts[0].split("+"), int(parts[1]), int(parts[2]), False)}
     utts = [u for s in args.sets.split(",") for u in load_source(s)
             if u.id not in used and u.seconds <= WINDOW_SECONDS]
     if not utts:
