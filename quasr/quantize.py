@@ -21,7 +21,7 @@ import torch
 from quasr import numerics
 from quasr.memory import fixed_mmap_threshold
 from quasr.methods import LayerStats, get_method
-from quasr.quant.gptq import asym_error
+from quasr.quant.gptq import asym_errors
 from quasr.quant.grid import QuantConfigError, QuantGrid, QuantizedWeight, check_finite, rtn
 from quasr.progress import progress_bar
 
@@ -205,10 +205,11 @@ def _rel_err(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:
     return float(((d @ H) * d).sum() / den)
 
 
-def _asym_err(W: torch.Tensor, W_hat: torch.Tensor, s: LayerStats) -> float:
-    """‖W X − Ŵ X̂‖² / ‖W X‖² from Σxxᵀ, Σx̂x̂ᵀ and Σxx̂ᵀ = H_Δ + H (float64: the terms nearly cancel)."""
-    den = asym_error(W, torch.zeros_like(W), s.XX, s.H, s.H_delta + s.H)  # ‖W X‖²
-    return asym_error(W, W_hat, s.XX, s.H, s.H_delta + s.H) / max(den, 1e-12)
+def _asym_errs(W: torch.Tensor, W_hat: torch.Tensor, s: LayerStats) -> tuple[float, float]:
+    """‖W X − W X̂‖² / ‖W X‖² (inherited: the unquantized W on shifted inputs) and ‖W X − Ŵ X̂‖² / ‖W X‖², from
+    Σxxᵀ, Σx̂x̂ᵀ and Σxx̂ᵀ = H_Δ + H (float64: the terms nearly cancel)."""
+    norm, (inherited, err) = asym_errors(W, [W, W_hat], s.XX, s.H, s.H_delta + s.H)
+    return inherited / max(norm, 1e-12), err / max(norm, 1e-12)
 
 
 def _new_stats(linears: dict, need_fp: bool) -> dict[str, LayerStats]:
@@ -518,8 +519,7 @@ def _solve_layer(run: _Run, block: Block, n: str, stats: LayerStats | None):
         row["err_rtn"] = _rel_err(W, rtn(W, cfg.grid(), full).dequantize(), stats.H)
         row["err"] = _rel_err(W, W_hat, stats.H)
         if stats.XX is not None:
-            row["err_asym_fp"] = _asym_err(W, W, stats)   # inherited: unquantized W on shifted inputs
-            row["err_asym"] = _asym_err(W, W_hat, stats)
+            row["err_asym_fp"], row["err_asym"] = _asym_errs(W, W_hat, stats)
     with torch.no_grad():
         lin.weight.copy_(W_hat.to(lin.weight.dtype))
     run.quantized[full] = qw

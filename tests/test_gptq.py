@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from quasr.quant.gptq import _gptq, asym_error, gptq, qep_correct, recon_error
+from quasr.quant.gptq import _gptq, asym_error, asym_errors, gptq, qep_correct, recon_error
 from quasr.quant.grid import QuantConfigError, QuantGrid, expand_groups, fit_params, rtn
 
 OUT, IN, N = 48, 256, 1024
@@ -237,6 +237,19 @@ def test_error_helpers_match_direct_computation(asym_data):
     direct = float(((W @ d["X"] - W_hat @ d["Xh"]) ** 2).sum())
     assert _asym(W_hat, d) == pytest.approx(direct, rel=1e-8)
     assert recon_error(W, W_hat, d["H"]) == pytest.approx(float((((W - W_hat) @ d["Xh"]) ** 2).sum()), rel=1e-8)
+
+
+def test_asym_errors_shares_products_without_changing_the_numbers(asym_data):
+    """The diagnostics of every fp-stream layer (err_asym_fp, err_asym) come from asym_errors: the same numbers
+    as separate asym_error calls, and its norm is ‖W X‖² (asym_error against a zero weight)."""
+    d = asym_data
+    W = d["W"]
+    W_hat = rtn(W, QuantGrid(3, 32)).dequantize()
+    norm, errs = asym_errors(W, [W, W_hat], d["XX"], d["H"], d["XXh"])
+    assert errs == [_asym(W, d), _asym(W_hat, d)]
+    assert norm == _asym(torch.zeros_like(W), d)
+    assert norm == pytest.approx(float(((W.double() @ d["X"].double()) ** 2).sum()), rel=1e-8)
+    assert 0 < errs[0] < errs[1]  # shifted inputs alone cost less than shifted inputs and rounding
 
 
 def test_qep_correct_alpha1_is_the_unconstrained_optimum(asym_data):

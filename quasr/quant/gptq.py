@@ -25,7 +25,7 @@ import torch
 
 from quasr.quant.grid import QuantConfigError, QuantGrid, QuantizedWeight, check_finite, fit_params, quantize_codes
 
-__all__ = ["gptq", "qep_correct", "recon_error", "asym_error", "MAX_DAMP_ESCALATIONS"]
+__all__ = ["gptq", "qep_correct", "recon_error", "asym_error", "asym_errors", "MAX_DAMP_ESCALATIONS"]
 
 MAX_DAMP_ESCALATIONS = 3  # on a failed Cholesky, retry with 10x, 100x, 1000x the requested relative damping
 
@@ -294,8 +294,21 @@ def asym_error(W: torch.Tensor, W_hat: torch.Tensor, XXt: torch.Tensor, XhXht: t
         ‖W X − Ŵ X̂‖² = tr(W XXt Wᵀ) − 2 tr(W XXht Ŵᵀ) + tr(Ŵ XhXht Ŵᵀ).
 
     Computed in float64 (the terms nearly cancel). Divide by tr(W XXt Wᵀ) = ‖W X‖² for a relative error."""
-    W64, Wh = W.detach().to(torch.float64), W_hat.detach().to(torch.float64)
+    return asym_errors(W, [W_hat], XXt, XhXht, XXht)[1][0]
+
+
+def asym_errors(W: torch.Tensor, W_hats: list[torch.Tensor], XXt: torch.Tensor, XhXht: torch.Tensor,
+                XXht: torch.Tensor) -> tuple[float, list[float]]:
+    """‖W X‖² and asym_error(W, Ŵ, ...) for each Ŵ of W_hats, sharing the products of W (4 float64 products for
+    two Ŵ instead of 12); the same numbers as separate asym_error calls."""
+    W64 = W.detach().to(torch.float64)
     a = ((W64 @ XXt.detach().to(torch.float64)) * W64).sum()
-    b = ((W64 @ XXht.detach().to(torch.float64)) * Wh).sum()
-    c = ((Wh @ XhXht.detach().to(torch.float64)) * Wh).sum()
-    return float(a - 2 * b + c)
+    WXXh = W64 @ XXht.detach().to(torch.float64)
+    H64 = XhXht.detach().to(torch.float64)
+    errs = []
+    for W_hat in W_hats:
+        Wh = W_hat.detach().to(torch.float64)
+        b = (WXXh * Wh).sum()
+        c = ((Wh @ H64) * Wh).sum()
+        errs.append(float(a - 2 * b + c))
+    return float(a), errs
