@@ -89,8 +89,8 @@ def _cos(a: torch.Tensor, b: torch.Tensor, H: torch.Tensor | None = None) -> flo
     if H is None:
         ab, aa, bb = (a * b).sum(), (a * a).sum(), (b * b).sum()
     else:
-        H = H.double()
-        ab, aa, bb = ((a @ H) * b).sum(), ((a @ H) * a).sum(), ((b @ H) * b).sum()
+        aH = a @ H.double()
+        ab, aa, bb = (aH * b).sum(), (aH * a).sum(), ((b @ H.double()) * b).sum()
     if aa <= 0 or bb <= 0:
         return 0.0
     return float(ab / (aa.sqrt() * bb.sqrt()))
