@@ -240,15 +240,17 @@ def test_error_helpers_match_direct_computation(asym_data):
 
 
 def test_asym_errors_shares_products_without_changing_the_numbers(asym_data):
-    """The diagnostics of every fp-stream layer (err_asym_fp, err_asym) come from asym_errors: the same numbers
-    as separate asym_error calls, and its norm is ‖W X‖² (asym_error against a zero weight)."""
+    """The diagnostics of every fp-stream layer (err_asym_fp, err_asym) come from one asym_errors call: each
+    error against its direct computation from the inputs, in the order given, and its norm ‖W X‖²."""
     d = asym_data
     W = d["W"]
     W_hat = rtn(W, QuantGrid(3, 32)).dequantize()
+    X, Xh, W64 = d["X"].double(), d["Xh"].double(), W.double()
     norm, errs = asym_errors(W, [W, W_hat], d["XX"], d["H"], d["XXh"])
-    assert errs == [_asym(W, d), _asym(W_hat, d)]
+    assert errs[0] == pytest.approx(float(((W64 @ X - W64 @ Xh) ** 2).sum()), rel=1e-6)
+    assert errs[1] == pytest.approx(float(((W64 @ X - W_hat.double() @ Xh) ** 2).sum()), rel=1e-6)
+    assert norm == pytest.approx(float(((W64 @ X) ** 2).sum()), rel=1e-8)
     assert norm == _asym(torch.zeros_like(W), d)
-    assert norm == pytest.approx(float(((W.double() @ d["X"].double()) ** 2).sum()), rel=1e-8)
     assert 0 < errs[0] < errs[1]  # shifted inputs alone cost less than shifted inputs and rounding
 
 
