@@ -383,6 +383,7 @@ def quantize_(asr, cfg: QuantConfig, calib=(), progress: bool = True, on_layer=N
     asr.recipe = {**cfg.to_dict(), "alpha": cfg.alpha if cfg.alpha is not None else method.default_alpha,
                   "variant": cfg.variant or method.default_variant,
                   "n_calib": report.n_calib, "calib_ids": report.calib_ids, "numerics": numerics.state(),
+                  "asym_errors": asym_errors,  # diagnostics only (and their cost in quant_seconds)
                   **({"method_info": report.method_info} if report.method_info else {})}
     return report
 
