@@ -37,7 +37,8 @@ def _label(ckpt: str) -> str:
     r = json.loads((Path(ckpt) / "quasr_checkpoint.json").read_text())["recipe"]
     alpha = f" α={r['alpha']}" if r.get("alpha") is not None else ""
     seed = f" s{r['seed']}" if r.get("seed") is not None else ""
-    return f"{r['method']}{alpha} W{r['bits']}G{r.get('group_size') or 0}{seed}"
+    pad = f" pad_weight={r['pad_weight']:g}" if r.get("pad_weight", 1.0) != 1.0 else ""
+    return f"{r['method']}{alpha} W{r['bits']}G{r.get('group_size') or 0}{seed}{pad}"
 
 
 def main() -> None:
@@ -107,7 +108,10 @@ def main() -> None:
         print(n.replace("model.encoder.", "") + " | " + " | ".join(f"{e[ci, j, k]:.3e}" for ci in range(len(short))
                                                                      for k in range(2)))
     rng = np.random.default_rng(0)
-    out = {"sets": args.sets, "n_utts": len(items), "checkpoints": args.ckpts, "layers": names,
+    out = {"command": "python scripts/frame_errors.py " + " ".join(sys.argv[1:]), "sets": args.sets,
+           "n_utts": len(items), "utterances": [it["id"] for it in items], "checkpoints": args.ckpts, "labels": short,
+           "frames": "speech: the audio plus the calibration margin; padding: the rest of the 30 s window",
+           "layers": names,
            "err": e.tolist(), "against_first": {}}
 
     def gmean_ratio(ci: int, k: int, idx) -> float:
