@@ -261,6 +261,9 @@ def measure(results: ResultsFile, cell: Cell, data, decoding: Decoding, batch_si
              "weights_mb": round(info["file_mb"], 2), "bits_per_weight": round(info["bits_per_weight"], 3),
              "embedding_bits_per_weight": info["embedding"]["bits_per_weight"],
              "numerics": (r.get("numerics") or {}).get("mode"), "weights_sha256": info["sha256"],
+             # fp-stream methods accumulated Σxxᵀ for the asymmetric-error diagnostics until --asym-errors made
+             # it optional (None: a checkpoint from before, which did)
+             "asym_errors": r.get("asym_errors"),
              "checkpoint": str(ckpt)}
     asr = checkpoint.load(ckpt)
     for d, n in todo:

@@ -332,6 +332,10 @@ def quantize_cmd(
                                                   "norms, positions): float32 or float16 (lossless for the "
                                                   "bundled models, whose originals are float16)"),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable calibration items (listed)"),
+    asym_errors: bool = typer.Option(False, "--asym-errors", help="qep, gptaq, fade, tarq: also report each layer's "
+                                                                  "output error against the full-precision model "
+                                                                  "(inherited / after; accumulates one more input "
+                                                                  "product per layer, which costs time)"),
     progress: bool = typer.Option(True, help="Show progress bars"),
 ):
     """Quantize a model layer by layer and write a low-bit checkpoint (the same bytes on every AVX2 machine unless
@@ -375,7 +379,7 @@ def quantize_cmd(
         calibrates = get_method(method).needs_calibration or (act_bits is not None and act_mode == "static")
         utts = _calibration(calib, n_calib, seed, skip_bad, pool) if calibrates else []
         asr = load_model(model)
-        report = quantize_(asr, cfg, utts, progress=progress)
+        report = quantize_(asr, cfg, utts, progress=progress, asym_errors=asym_errors)
         console.print(_layer_table(report))
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
         asr.recipe.update(model=asr.name, spec=model, calib=calib if utts else None, seed=seed if utts else None,

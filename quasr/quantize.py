@@ -190,6 +190,7 @@ class _Run:
     report: QuantReport
     on_layer: Callable | None
     ctx: object = None        # the method's prepare() result
+    asym_errors: bool = False  # also accumulate Σxxᵀ for each layer's asymmetric error (fp-stream methods)
     bar: object = None
     task: object = None
 
@@ -212,12 +213,15 @@ def _asym_errs(W: torch.Tensor, W_hat: torch.Tensor, s: LayerStats) -> tuple[flo
     return inherited / max(norm, 1e-12), err / max(norm, 1e-12)
 
 
-def _new_stats(linears: dict, need_fp: bool) -> dict[str, LayerStats]:
+def _new_stats(linears: dict, need_fp: bool, need_xx: bool = False) -> dict[str, LayerStats]:
+    """Empty statistics: H always, H_Δ with the full-precision stream, Σxxᵀ (XX) only for the asymmetric-error
+    diagnostics (it is one more [in, in] product per utterance, which no solver uses)."""
     stats = {n: LayerStats(torch.zeros(m.in_features, m.in_features)) for n, m in linears.items()}
     if need_fp:
         for n, m in linears.items():
             stats[n].H_delta = torch.zeros(m.in_features, m.in_features)
-            stats[n].XX = torch.zeros(m.in_features, m.in_features)
+            if need_xx:
+                stats[n].XX = torch.zeros(m.in_features, m.in_features)
     return stats
 
 
@@ -228,16 +232,17 @@ def _accumulate(s: LayerStats, xh: torch.Tensor, x: torch.Tensor | None, method,
     s.n += xh.shape[0]
     if x is not None:
         s.H_delta.addmm_((x - xh).T, xh)
-        s.XX.addmm_(x.T, x)
+        if s.XX is not None:
+            s.XX.addmm_(x.T, x)
     if method.accumulate is not None:
         method.accumulate(s, xh, x, item, rows)
 
 
 def _collect(cal, block: Block, fp_block, names: list[str], items, hq, hf, ctx_q, ctx_f, need_fp: bool,
-             method) -> dict[str, LayerStats]:
+             method, need_xx: bool = False) -> dict[str, LayerStats]:
     """Run the group's part of the block on every calibration item, accumulating each Linear's statistics."""
     lin_q = {n: block.module.get_submodule(n) for n in names}
-    stats = _new_stats(lin_q, need_fp)
+    stats = _new_stats(lin_q, need_fp, need_xx)
     fp_inputs: dict[str, torch.Tensor] = {}
     seen: set[str] = set()
     current: dict = {}
@@ -297,11 +302,15 @@ def _check_layers(asr, blocks: list[Block], grid: QuantGrid) -> None:
                 check_finite(w.detach(), f"{b.name}.{n}")
 
 
-def quantize_(asr, cfg: QuantConfig, calib=(), progress: bool = True, on_layer=None) -> QuantReport:
+def quantize_(asr, cfg: QuantConfig, calib=(), progress: bool = True, on_layer=None,
+              asym_errors: bool = False) -> QuantReport:
     """Quantize `asr` (an AsrModel) in place and return a per-layer report.
 
     `calib` is a sequence of Utterances (teacher-forced: audio and reference text). RTN needs none.
     Quantized layers end up as packed low-bit modules; `asr.recipe` records the configuration.
+    `asym_errors` (methods with a full-precision stream: qep, gptaq, fade, tarq) adds to every layer's report
+    its asymmetric errors ‖WX − WX̂‖² and ‖WX − ŴX̂‖² relative to ‖WX‖² (err_asym_fp, err_asym), at the cost of
+    accumulating Σxxᵀ as well: diagnostics only, the weights are the same either way.
     """
     t0 = time.perf_counter()
     fixed_mmap_threshold()
@@ -330,7 +339,7 @@ def quantize_(asr, cfg: QuantConfig, calib=(), progress: bool = True, on_layer=N
     report = QuantReport(cfg, n_calib=len(calib) if uses_calib else 0,
                          calib_ids=[u.id for u in calib] if uses_calib else [])
     quantized: dict[str, QuantizedWeight] = {}
-    run = _Run(method, cfg, quantized, report, on_layer)
+    run = _Run(method, cfg, quantized, report, on_layer, asym_errors=asym_errors)
     if method.prepare is not None:
         run.ctx = method.prepare({f"{b.name}.{n}": b.module.get_submodule(n).weight.detach().float()
                                   for b in blocks for n in sum(b.groups, [])}, cfg)
@@ -374,6 +383,7 @@ def quantize_(asr, cfg: QuantConfig, calib=(), progress: bool = True, on_layer=N
     asr.recipe = {**cfg.to_dict(), "alpha": cfg.alpha if cfg.alpha is not None else method.default_alpha,
                   "variant": cfg.variant or method.default_variant,
                   "n_calib": report.n_calib, "calib_ids": report.calib_ids, "numerics": numerics.state(),
+                  "asym_errors": asym_errors,  # diagnostics only (and their cost in quant_seconds)
                   **({"method_info": report.method_info} if report.method_info else {})}
     return report
 
@@ -565,7 +575,8 @@ def _walk(asr, cal, blocks, calib, run: _Run, fp_embed):
         groups = block.groups if cfg.true_sequential else [sum(block.groups, [])]
         for group in groups:
             bar.update(task, description=f"{cfg.method} {block.name}.{group[0].split('.')[0]}")
-            stats = _collect(cal, block, fp_block, group, items, hq, hf, ctx_q, ctx_f, need_fp, method)
+            stats = _collect(cal, block, fp_block, group, items, hq, hf, ctx_q, ctx_f, need_fp, method,
+                             run.asym_errors)
             for n in group:
                 _solve_layer(run, block, n, stats[n])
                 bar.advance(task)
@@ -588,7 +599,7 @@ def _walk_stages(cal, block, fp_block, stages, items, hq, hf, ctx_q, ctx_f, run:
         hf.clear()
     for st in stages:
         bar.update(task, description=f"{cfg.method} {block.name}.{st.names[0].split('.')[0]}")
-        stats = _new_stats({n: block.module.get_submodule(n) for n in st.names}, need_fp)
+        stats = _new_stats({n: block.module.get_submodule(n) for n in st.names}, need_fp, run.asym_errors)
         with torch.inference_mode():
             for i, item in enumerate(items):
                 xh = st.inputs(block.module, sq[i])

@@ -118,6 +118,32 @@ def test_public_gptq_matches_private_and_blocksize_does_not_matter(sym_data):
     assert (qw1.codes != qw1b.codes).float().mean() < 0.005
 
 
+def test_factor_cache_reuses_the_factor_and_changes_no_number(sym_data, monkeypatch):
+    """Solves sharing a factor_cache under the same H factor it once and give exactly what separate solves give;
+    another H (or damping) is factored afresh."""
+    import quasr.quant.gptq as g
+
+    W, H = sym_data
+    grid = QuantGrid(3, 32)
+    W2 = W.flip(0) * 1.5
+    fresh = [gptq(w, H, grid, name="w") for w in (W, W2)]
+    calls = []
+    real = g._damped_cholesky
+    monkeypatch.setattr(g, "_damped_cholesky", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cache: dict = {}
+    shared = [gptq(w, H, grid, name="w", factor_cache=cache) for w in (W, W2)]
+    assert len(calls) == 1
+    for (qa, ia), (qb, ib) in zip(fresh, shared):
+        assert torch.equal(qa.codes, qb.codes) and torch.equal(qa.scales, qb.scales)
+        assert ia["loss"] == ib["loss"] and ia["damp"] == ib["damp"]
+    H2 = H * 2
+    q3, _ = gptq(W, H2, grid, name="w", factor_cache=cache)
+    q4, _ = gptq(W, H2, grid, name="w", factor_cache=cache, percdamp=0.1)
+    assert len(calls) == 3
+    assert torch.equal(q3.codes, gptq(W, H2, grid, name="w")[0].codes)
+    assert torch.equal(q4.codes, gptq(W, H2, grid, name="w", percdamp=0.1)[0].codes)
+
+
 def test_groups_are_fitted_on_the_updated_weight(sym_data):
     W, H = sym_data
     grid = QuantGrid(4, 64)

@@ -121,8 +121,8 @@ def test_gptq_beats_rtn_on_the_calibration_objective(fresh_tiny, calib):
 
 
 def test_qep_sees_inherited_error_only_after_the_first_layer(fresh_tiny, calib):
-    report = quantize_(fresh_tiny, QuantConfig(method="qep", bits=4, alpha=0.5, encoder_frames="speech",
-                                               embedding_bits=None), calib, progress=False)
+    cfg = QuantConfig(method="qep", bits=4, alpha=0.5, encoder_frames="speech", embedding_bits=None)
+    report = quantize_(fresh_tiny, cfg, calib, progress=False, asym_errors=True)
     by_name = {r["name"]: r for r in report.layers}
     first = by_name["model.encoder.layers.0.self_attn.q_proj"]
     assert first["err_asym_fp"] == pytest.approx(0, abs=1e-9)  # both streams see the same input there
@@ -130,6 +130,14 @@ def test_qep_sees_inherited_error_only_after_the_first_layer(fresh_tiny, calib):
     assert later["err_asym_fp"] > 1e-5  # the quantized layers before it shifted its input
     assert later["alpha"] == 0.5
     assert fresh_tiny.recipe["alpha"] == 0.5 and fresh_tiny.recipe["n_calib"] == len(calib)
+
+    # without the diagnostics (the default) Σxxᵀ is not accumulated: no asymmetric errors, the same weights
+    plain = load_model("whisper-tiny.en")
+    report2 = quantize_(plain, cfg, calib, progress=False)
+    assert not any("err_asym" in r for r in report2.layers)
+    assert [r["err"] for r in report2.layers if "err" in r] == [r["err"] for r in report.layers if "err" in r]
+    a, b = fresh_tiny.model.state_dict(), plain.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_decoder_only_leaves_the_encoder_alone(fresh_tiny, calib):

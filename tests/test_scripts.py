@@ -56,3 +56,36 @@ def test_calib_dev_ce_excludes_every_utterance_a_checkpoint_calibrated_on(tmp_pa
         "method_info": {"activations": {"calibration_ids": ["a1"], "esc": {"subset_ids": ["e1", "w1"]}}}}}))
     assert mod.calib_ids(str(ck)) == {"w1", "w2", "a1", "e1"}
     assert mod.calib_ids("whisper-tiny.en") == set() and mod.text_model(str(ck)) == "whisper-tiny.en"
+
+
+def test_frame_errors_splits_speech_from_padding(tmp_path, monkeypatch, capsys, asterisk_files):
+    """Two round-to-nearest checkpoints of tiny.en: W3's output error is above W4's on every layer and on both
+    kinds of frames, so its geometric-mean ratio to W4 and its whole interval lie above 1; a checkpoint of
+    another model is refused."""
+    from quasr import checkpoint
+    from quasr.models import load_model
+    from quasr.quantize import QuantConfig, quantize_
+
+    mod = _script("frame_errors")
+    ckpts = []
+    for bits in (4, 3):
+        asr = load_model("whisper-tiny.en")
+        quantize_(asr, QuantConfig(method="rtn", bits=bits), progress=False)
+        ckpts.append(str(checkpoint.save(asr, tmp_path / f"w{bits}", dict(asr.recipe, model="whisper-tiny.en"))))
+    out = tmp_path / "fe.json"
+    monkeypatch.setattr("sys.argv", ["x", *ckpts, "--sets", "asterisk:calib-dev", "--n", "2", "--resamples", "200",
+                                     "--out", str(out)])
+    mod.main()
+    res = json.loads(out.read_text())
+    assert res["n_utts"] == 2 and len(res["layers"]) == 24  # tiny.en's encoder: 4 layers x 6 Linears
+    w4, w3 = res["err"]
+    assert all(0 < a < b for la, lb in zip(w4, w3) for a, b in zip(la, lb))
+    r = res["against_first"][ckpts[1]]
+    assert r["speech"]["ci95"][0] > 1 and r["padding"]["ci95"][0] > 1
+    assert "speech" in capsys.readouterr().out
+    meta = Path(ckpts[1]) / "quasr_checkpoint.json"
+    rec = json.loads(meta.read_text())
+    rec["recipe"]["model"] = "whisper-base"
+    meta.write_text(json.dumps(rec))
+    with pytest.raises(SystemExit, match="different models"):
+        mod.main()

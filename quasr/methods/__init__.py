@@ -36,7 +36,7 @@ class LayerStats:
     H: torch.Tensor                       # Σ x̂ x̂ᵀ  [in, in]
     n: int = 0                            # positions summed
     H_delta: torch.Tensor | None = None   # Σ (x − x̂) x̂ᵀ  [in, in]
-    XX: torch.Tensor | None = None        # Σ x xᵀ  [in, in]
+    XX: torch.Tensor | None = None        # Σ x xᵀ  [in, in] (only for the asym_errors diagnostics)
     extra: dict = field(default_factory=dict)
 
 

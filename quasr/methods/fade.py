@@ -112,7 +112,8 @@ def diagnose(W: torch.Tensor, stats, cfg, name: str, ctx: dict) -> dict:
     r_split = max(0.0, _cos(dW_A, dW_B, H))
     rel = float(dW.norm() / W.norm().clamp(min=1e-30))
     r_size = 1.0 / (1.0 + rel)
-    pilot, _ = gptq(W, H, grid, name=name, percdamp=damp, act_order=cfg.act_order)
+    factor: dict = {}  # the pilot's damped factor of H, reused by the final solve
+    pilot, _ = gptq(W, H, grid, name=name, percdamp=damp, act_order=cfg.act_order, factor_cache=factor)
     e_rtn = _out_err(W - rtn(W, grid, name).dequantize(), H)
     v_g = min(1.0, _out_err(W - pilot.dequantize(), H) / e_rtn) if e_rtn > 0 else 0.0
     v_w = ctx["v_w"][name]
@@ -120,14 +121,15 @@ def diagnose(W: torch.Tensor, stats, cfg, name: str, ctx: dict) -> dict:
     r = {"split-vuln": r_split, "split": r_split, "size-vuln": r_size, "split-size-vuln": r_split * r_size}[variant]
     alpha_max = 1.0 if cfg.alpha is None else cfg.alpha
     alpha = alpha_max * min(1.0, max(0.0, r * (1.0 - v)))
-    return {"dW": dW, "alpha": alpha, "v": v, "v_w": v_w, "v_g": v_g, "r": r, "r_split": r_split,
+    return {"dW": dW, "factor": factor, "alpha": alpha, "v": v, "v_w": v_w, "v_g": v_g, "r": r, "r_split": r_split,
             "r_split_frob": _cos(dW_A, dW_B), "r_size": r_size, "dw_rel": rel, "variant": variant}
 
 
 def solve(W, stats, cfg, name, ctx=None):
     d = diagnose(W, stats, cfg, name, ctx)
     target = W + d.pop("dW") * d["alpha"]
-    qw, info = gptq(target, stats.H, cfg.grid(), name=name, percdamp=cfg.percdamp, act_order=cfg.act_order)
+    qw, info = gptq(target, stats.H, cfg.grid(), name=name, percdamp=cfg.percdamp, act_order=cfg.act_order,
+                    factor_cache=d.pop("factor"))
     return qw, dict(info, **d)
 
 

@@ -101,7 +101,8 @@ def _damped_cholesky(H: torch.Tensor, percdamp: float, name: str, *, inverse_upp
 
 def gptq(W: torch.Tensor, H: torch.Tensor, grid: QuantGrid, *, name: str = "weight", blocksize: int = 128,
          percdamp: float = 0.01, act_order: bool = False, static_groups: bool = True,
-         dXXT: torch.Tensor | None = None, alpha: float = 0.25) -> tuple[QuantizedWeight, dict]:
+         dXXT: torch.Tensor | None = None, alpha: float = 0.25,
+         factor_cache: dict | None = None) -> tuple[QuantizedWeight, dict]:
     """GPTQ of one [out, in] weight under H = Σ x̂ x̂ᵀ [in, in]; given `dXXT` = H_Δ = Σ (x − x̂) x̂ᵀ, GPTAQ.
 
     GPTQ (reference: IST-DASLab/gptq `GPTQ.fasterquant`) minimizes ‖W X̂ − Ŵ X̂‖² column by column:
@@ -134,13 +135,17 @@ def gptq(W: torch.Tensor, H: torch.Tensor, grid: QuantGrid, *, name: str = "weig
     grid.rtn's, so that `qw.dequantize()` is exactly the weight the sweep produced. info: "damp" (final λ,
     absolute), "percdamp" (final relative damping), "loss" (Σ_i ‖e_i‖²; for plain GPTQ this equals
     tr((W − Ŵ)(H + λI)(W − Ŵ)ᵀ) with dead columns of W zeroed), "seconds" (wall time).
+
+    `factor_cache`: a dict shared by several solves under the same H (and percdamp, act_order), e.g. a pilot
+    solve and the final one: the damped factor U is computed by the first and reused by the others (the same
+    numbers as computing it again).
     """
     qw, info, _ = _gptq(W, H, grid, name=name, blocksize=blocksize, percdamp=percdamp, act_order=act_order,
-                        static_groups=static_groups, dXXT=dXXT, alpha=alpha)
+                        static_groups=static_groups, dXXT=dXXT, alpha=alpha, factor_cache=factor_cache)
     return qw, info
 
 
-def _gptq(W, H, grid, *, name, blocksize, percdamp, act_order, static_groups, dXXT, alpha):
+def _gptq(W, H, grid, *, name, blocksize, percdamp, act_order, static_groups, dXXT, alpha, factor_cache=None):
     """`gptq`, also returning the weight the sweep produced ([out, in], original column order; for tests)."""
     t0 = time.perf_counter()
     _check_weight(W, name)
@@ -193,7 +198,13 @@ def _gptq(W, H, grid, *, name, blocksize, percdamp, act_order, static_groups, dX
         # groups must lie inside a block so that they are fitted on fully updated columns
         blocksize = gs * max(1, blocksize // gs)
 
-    U64, damp, rel = _damped_cholesky(H64, percdamp, name, inverse_upper=True)
+    key = (H.data_ptr(), tuple(H.shape), H.dtype, percdamp, act_order)  # the same live H, damping and order
+    if factor_cache is not None and factor_cache.get("key") == key:
+        U64, damp, rel = factor_cache["factor"]
+    else:
+        U64, damp, rel = _damped_cholesky(H64, percdamp, name, inverse_upper=True)
+        if factor_cache is not None:
+            factor_cache.update(key=key, factor=(U64, damp, rel))
     U = U64.to(torch.float32).contiguous()  # row slices U[i, i:] must be contiguous for fast updates
     P = None
     if D is not None:
