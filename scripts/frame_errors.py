@@ -26,15 +26,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from calib_dev_ce import calib_ids  # noqa: E402
 
 
+def _recipe(ckpt: str) -> dict:
+    meta = Path(ckpt) / "quasr_checkpoint.json"
+    if not meta.is_file():
+        raise SystemExit(f"error: {ckpt}: not a quasr checkpoint (no quasr_checkpoint.json)")
+    rec = json.loads(meta.read_text())
+    return rec.get("recipe", rec)
+
+
 def _source_model(ckpts: list[str]) -> str:
-    models = {json.loads((Path(c) / "quasr_checkpoint.json").read_text())["recipe"]["model"] for c in ckpts}
+    models = {_recipe(c).get("model") or "?" for c in ckpts}
     if len(models) != 1:
         raise SystemExit(f"error: the checkpoints come from different models ({', '.join(sorted(models))})")
     return models.pop()
 
 
 def _label(ckpt: str) -> str:
-    r = json.loads((Path(ckpt) / "quasr_checkpoint.json").read_text())["recipe"]
+    r = _recipe(ckpt)
     alpha = f" α={r['alpha']}" if r.get("alpha") is not None else ""
     seed = f" s{r['seed']}" if r.get("seed") is not None else ""
     pad = f" pad_weight={r['pad_weight']:g}" if r.get("pad_weight", 1.0) != 1.0 else ""

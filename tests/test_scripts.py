@@ -89,3 +89,6 @@ def test_frame_errors_splits_speech_from_padding(tmp_path, monkeypatch, capsys, 
     meta.write_text(json.dumps(rec))
     with pytest.raises(SystemExit, match="different models"):
         mod.main()
+    monkeypatch.setattr("sys.argv", ["x", ckpts[0], str(tmp_path)])
+    with pytest.raises(SystemExit, match="not a quasr checkpoint"):
+        mod.main()
