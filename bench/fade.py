@@ -177,8 +177,9 @@ def main() -> None:
     given = args.pad_weight is not None  # --pad-weight given (1 included) wins over the selection
     if not given:
         args.pad_weight = chosen.get("pad_weight", 1.0)
-    print(f"FADE variant {variant} ({'given' if args.variant else 'chosen on calib-dev' if chosen else 'default'}), "
-          f"padding-frame weight {args.pad_weight} ({'given' if given else 'chosen on calib-dev' if chosen else 'default'})",
+    where = f"chosen on the calib-dev sets of {', '.join(chosen.get('models', []))}"  # --select's models only
+    print(f"FADE variant {variant} ({'given' if args.variant else where if chosen else 'default'}), "
+          f"padding-frame weight {args.pad_weight} ({'given' if given else where if chosen else 'default'})",
           flush=True)
     decoding = parse_decoding(args.decoding)
     out = args.out or RESULTS / (f"fade-limit{args.limit}.json" if args.limit else "fade.json")
