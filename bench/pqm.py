@@ -183,8 +183,8 @@ def main() -> None:
             m = train_adapter("nf4", model, take(adapt_utts["allison"], n), d / "allison", sat_dir, "allison", args)
             score(results, model, "nf4", d, {"allison": test_utts["allison"]},
                   dict(base, method="nf4+speaker-lora", bits=4, group_size=64, adapter="curve",
-                       n_adapt=n or len(adapt_utts["allison"]), fold=f), decoding, args.limit,
-                  {"adapt_minutes": round(m["seconds"] / 60, 2)})
+                       n_adapt=n or m["n_utts"], fold=f), decoding, args.limit,  # all: those that can train
+                  {"adapt_minutes": round(m["seconds"] / 60, 2), "adapt_skipped": m.get("skipped", [])})
     print(json.dumps({"wrote": str(out)}))
 
 

@@ -134,6 +134,30 @@ def _epoch_dirs(out: Path) -> list[Path]:
     return sorted((p for p in out.glob("epoch-*") if (p / STATE).exists()), key=lambda p: int(p.name.split("-")[1]))
 
 
+def trainable(asr, utts, speaker: str | None = None) -> tuple[list, list[dict]]:
+    """The utterances `asr` can train on, and the skipped ones ({"item", "reason"}), reported on the console: an
+    utterance longer than the input window or with too long a transcript is left out, counted and named, before
+    any training step; none left is an error."""
+    from quasr.progress import console
+
+    keep, skipped = [], []
+    for u in utts:
+        why = asr.training_problem(u) if hasattr(asr, "training_problem") else None
+        if why:
+            skipped.append({"item": u.id, "reason": why})
+        else:
+            keep.append(u)
+    if skipped:
+        console.print(f"[yellow]skipped[/] {len(skipped)} of {len(utts)} adaptation utterance(s)"
+                      + (f" of {speaker}" if speaker else "") + ": "
+                      + "; ".join(f"{s['item']} ({s['reason']})" for s in skipped[:5])
+                      + (f"; and {len(skipped) - 5} more" if len(skipped) > 5 else ""), highlight=False)
+    if not keep:
+        raise AdapterError(f"none of the {len(utts)} adaptation utterance(s)" + (f" of {speaker}" if speaker else "")
+                           + " can train: " + "; ".join(f"{s['item']}: {s['reason']}" for s in skipped[:3]))
+    return keep, skipped
+
+
 def train(asr, pm, utts, out: str | Path, cfg: TrainConfig, meta: dict, progress: bool = True) -> dict:
     """Train the "default" adapter of `pm` on `utts` (teacher forcing, cross-entropy on the text tokens), saving
     out/epoch-K after every epoch and the final adapter in `out`. A run that finds complete epochs in `out`
@@ -143,6 +167,8 @@ def train(asr, pm, utts, out: str | Path, cfg: TrainConfig, meta: dict, progress
     from quasr.results import atomic_write_text
 
     cfg.check()
+    utts, skipped = trainable(asr, utts, meta.get("speaker"))
+    meta = dict(meta, utterances=[u.id for u in utts], skipped=skipped)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     params = [p for n, p in pm.named_parameters() if p.requires_grad]

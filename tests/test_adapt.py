@@ -84,6 +84,34 @@ def test_training_is_deterministic_and_a_killed_run_resumes_where_it_would_have_
     assert any(float(v.abs().sum()) > 0 for k, v in straight.items() if "lora_B" in k)  # it did learn
 
 
+def test_utterances_that_cannot_train_are_skipped_named_and_counted_before_any_step(nf4, utts, tmp_path,
+                                                                                      monkeypatch):
+    from dataclasses import replace
+
+    import numpy as np
+
+    from quasr import checkpoint
+
+    asr = checkpoint.load(nf4)
+    long = replace(utts[0], id="x/long", audio=np.tile(utts[0].audio, int(31 * 16000 / len(utts[0].audio)) + 1))
+    wordy = replace(utts[1], id="x/wordy", text=" ".join(["word"] * 600))
+    pm = adapt.attach(asr, 2, seed=0)
+    meta = {"fingerprint": adapt.fingerprint(asr), "speaker": "x", "rank": 2, "targets": list(adapt.TARGETS)}
+    real, seen = torch.optim.AdamW.step, []
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: (seen.append(1), real(self, *a, **k))[1])
+    m = adapt.train(asr, pm, [long, *utts[:2], wordy], tmp_path / "a", adapt.TrainConfig(epochs=1, batch_size=2),
+                    meta, progress=False)
+    assert m["n_utts"] == 2 and m["utterances"] == [u.id for u in utts[:2]] and len(seen) == 1
+    assert [s["item"] for s in m["skipped"]] == ["x/long", "x/wordy"]
+    assert "longer than Whisper's 30 s window" in m["skipped"][0]["reason"]
+    assert "tokens exceed the decoder's 448" in m["skipped"][1]["reason"]
+    assert json.loads((tmp_path / "a" / adapt.META).read_text())["skipped"] == m["skipped"]  # kept with the adapter
+    seen.clear()
+    with pytest.raises(adapt.AdapterError, match="none of the 2 adaptation utterance.*x/long"):
+        adapt.train(asr, pm, [long, wordy], tmp_path / "b", adapt.TrainConfig(epochs=1), meta, progress=False)
+    assert not seen and not (tmp_path / "b").exists()  # refused before any step or directory
+
+
 def test_adapters_switch_per_speaker_and_refuse_another_base(nf4, utts, tmp_path):
     from quasr import checkpoint
     from quasr.models import load_model

@@ -154,6 +154,16 @@ class WhisperAsr(AsrModel):
     def _window_frames(self) -> int:
         return self.processor.feature_extractor.nb_max_frames
 
+    def training_problem(self, u) -> str | None:
+        """Why utterance `u` cannot be a teacher-forced training example (None when it can): audio longer than
+        the input window, or a transcript with more tokens than the decoder's positions."""
+        if len(u.audio) > WINDOW_SECONDS * SAMPLE_RATE:
+            return f"{u.seconds:.1f} s is longer than Whisper's {WINDOW_SECONDS:.0f} s window"
+        n = len(self.calibration("speech").prompt_ids()) + len(
+            self.processor.tokenizer(" " + u.text.strip(), add_special_tokens=False).input_ids) + 1
+        limit = self.model.config.max_target_positions
+        return f"{n} tokens exceed the decoder's {limit}" if n > limit else None
+
     def training_batch(self, utts, decoding: Decoding | None = None) -> dict:
         """A teacher-forced batch for fine-tuning (adapters): the features the decoding policy transcribes with,
         decoder inputs <|startoftranscript|> [language, task] <|notimestamps|> text, and labels shifted by one with
@@ -163,15 +173,13 @@ class WhisperAsr(AsrModel):
         decoding = decoding or Decoding()
         tok = self.processor.tokenizer
         prompt = self.calibration("speech").prompt_ids()
-        eot, limit = self.model.config.eos_token_id, self.model.config.max_target_positions
+        eot = self.model.config.eos_token_id
         seqs = []
         for u in utts:
-            if len(u.audio) > WINDOW_SECONDS * SAMPLE_RATE:
-                raise DataError(f"training utterance {u.id}: longer than {WINDOW_SECONDS:.0f} s")
-            ids = prompt + tok(" " + u.text.strip(), add_special_tokens=False).input_ids + [eot]
-            if len(ids) > limit:
-                raise DataError(f"training utterance {u.id}: {len(ids)} tokens exceed the decoder's {limit}")
-            seqs.append(ids)
+            why = self.training_problem(u)
+            if why:
+                raise DataError(f"training utterance {u.id}: {why}")
+            seqs.append(prompt + tok(" " + u.text.strip(), add_special_tokens=False).input_ids + [eot])
         n = max(len(s) for s in seqs) - 1
         inputs = torch.full((len(seqs), n), eot, dtype=torch.long)
         labels = torch.full((len(seqs), n), -100, dtype=torch.long)
