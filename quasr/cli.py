@@ -27,7 +27,7 @@ POOL_HELP = ("How calibration utterances are chosen: random, r-top (highest rare
 ALPHA_HELP = ("Compensation strength in [0, 1]: qep/gptaq's global alpha (default 0.5 / 0.25), fade's upper bound "
               "of the per-layer alpha (default 1)")
 PAD_WEIGHT_HELP = ("Window mode: weight of padding frames against speech frames in the statistics (1 = as at "
-                   "inference, 0 = speech frames only)")
+                   "inference, 0 = speech frames only; the default 0.25 was chosen on calib-dev, docs/methods/fade.md)")
 TEMPERATURES_HELP = "Fallback temperatures, comma-separated (default for standard: 0,0.2,0.4,0.6,0.8,1)"
 MAX_SKIPPED_SHOWN = 20
 
@@ -304,7 +304,7 @@ def quantize_cmd(
     encoder_frames: str = typer.Option("window", help="window (30 s, as at inference) | speech (cut after the audio)"),
     pad_stride: int = typer.Option(4, help="Window mode: statistics from every k-th padding frame, weighted by k "
                                            "(1 = every frame, exact but slower)"),
-    pad_weight: float = typer.Option(1.0, help=PAD_WEIGHT_HELP),
+    pad_weight: float = typer.Option(0.25, help=PAD_WEIGHT_HELP),
     tail_cost: Optional[float] = typer.Option(None, help="tarq: mass of rare-word positions against common ones "
                                                          "(default 1: equal)"),
     tail_zipf: Optional[float] = typer.Option(None, help="tarq: a word is rare below this wordfreq Zipf frequency "
@@ -430,6 +430,7 @@ def compare_cmd(
     embedding_bits: int = typer.Option(8, help="Bits of the tied token embedding / output head; 0 keeps FP32"),
     encoder_frames: str = typer.Option("window", help="window | speech (see quasr quantize --help)"),
     pad_stride: int = typer.Option(4, help="Window mode: every k-th padding frame, weight k (see quasr quantize --help)"),
+    pad_weight: float = typer.Option(0.25, help=PAD_WEIGHT_HELP),
     calib: list[str] = typer.Option(["asterisk:calib", "tts:calib"], "--calib", help="Calibration source (repeatable)"),
     n_calib: int = typer.Option(128, help="Calibration utterances"),
     seed: int = typer.Option(0, help="Seed of the calibration sample"),
@@ -458,7 +459,7 @@ def compare_cmd(
         from quasr.results import check_writable, command_line, machine_info, now, write_json
 
         cfg = _quant_config(method, bits, group_size, alpha, embedding_bits, n_calib, encoder_frames=encoder_frames,
-                            pad_stride=pad_stride, variant=variant)
+                            pad_stride=pad_stride, pad_weight=pad_weight, variant=variant)
         dec = _decoding(decoding, temperatures, decode_seed)
         _positive("--batch-size", batch_size)
         if save:

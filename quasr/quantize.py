@@ -69,8 +69,9 @@ class QuantConfig:
     true_sequential: bool = True
     encoder_frames: str = "window"       # window (full 30 s, as at inference) | speech (cut after the audio)
     pad_stride: int = 4                  # window mode: statistics from every k-th frame after the speech, weight k
-    pad_weight: float = 1.0              # window mode: weight of padding frames against speech frames in the
-    #                                      statistics (1: as at inference; 0: speech frames only)
+    pad_weight: float = 0.25             # window mode: weight of padding frames against speech frames in the
+    #                                      statistics (1: as at inference; 0: speech frames only; 0.25 chosen on
+    #                                      calib-dev of tiny.en and base, docs/methods/fade.md)
     variant: str | None = None           # a method's variant (None: its default; see Method.variants)
     act_bits: int | None = None          # quantize every Linear's (and the conv stem's) input: 8 or 4 bits
     act_mode: str = "static"             # static (one calibrated scale a tensor) | dynamic (per token)

@@ -109,3 +109,21 @@ def test_fade_on_tiny_sets_alpha_per_layer():
     for r in rows:
         assert {"v", "v_w", "v_g", "r", "r_split", "r_size", "err", "err_rtn"} <= r.keys()
     assert asr.recipe["variant"] == "split-size-vuln" and get_method("fade").needs_fp_stream
+
+
+def test_toolkit_defaults_are_the_committed_selection():
+    """FADE's default variant and every method's padding-frame weight are the ones `bench/fade.py --select` chose
+    on calib-dev (bench/results/fade-select.json); moving either without measuring again fails here. The `quasr
+    quantize` and `quasr compare` options default to the same weight."""
+    import inspect
+    import json
+    from pathlib import Path
+
+    from quasr import cli
+    from quasr.methods.fade import DEFAULT_VARIANT
+
+    chosen = json.loads((Path(__file__).parents[1] / "bench/results/fade-select.json").read_text())["chosen"]
+    assert DEFAULT_VARIANT == chosen["variant"]
+    assert QuantConfig(method="gptq").pad_weight == chosen["pad_weight"]
+    for command in (cli.quantize_cmd, cli.compare_cmd):
+        assert inspect.signature(command).parameters["pad_weight"].default.default == chosen["pad_weight"]
