@@ -444,8 +444,13 @@ def compare_cmd(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write results JSON here"),
     progress: bool = typer.Option(True, help="Show progress bars"),
 ):
-    """Quantize a model and compare its WER with the original on the same speech (the default main job)."""
+    """Quantize a model and compare its WER with the original on the same speech (the default main job). The
+    quantization pins torch's kernels as `quasr quantize` does, so the model compared is the checkpoint `quasr
+    quantize` writes for the same recipe (quasr.numerics)."""
     try:
+        from quasr import numerics
+
+        numerics.pin(warn=False)  # before torch is imported (see quantize_cmd)
         import time
 
         from quasr import checkpoint
