@@ -10,8 +10,10 @@ settings the result is bit-identical, also under CPU contention.
 
 `pin()` fixes all three to AVX2 (MKL in its strict conditional-numerical-reproducibility mode) before torch is
 imported, so a machine with AVX-512 computes what an AVX2-only machine computes. `quasr quantize` calls it
-first thing (quantizing tiny.en with GPTQ W4 then takes about 1.3x as long on an AVX-512 machine); from
-Python, call `quasr.numerics.pin()` before importing torch. Evaluation does not pin: transcribing is 1.5-2x
+first thing (quantizing tiny.en with GPTQ W4 then takes about 1.3x as long on an AVX-512 machine), and so does
+`quasr compare`, so that it compares the checkpoint `quasr quantize` writes (its scoring then runs on the pinned
+kernels too: 7 min 14 s against 6 min 25 s unpinned for the default job here); from Python, call
+`quasr.numerics.pin()` before importing torch. `quasr eval` and the benchmarks' scoring do not pin: transcribing is 1.5-2x
 slower with AVX2 kernels there, and a transcript that differs in the last bits is within what the paired
 intervals measure. `QUASR_NUMERICS=native` leaves torch's own choices for quantization too. Values the user
 has set in the environment are kept. `state()` says what is in effect; every results record and checkpoint
