@@ -282,9 +282,11 @@ def ptq(path: Path, decoding: str | None = None, resamples: int = 10_000, refs: 
     return "\n".join(out)
 
 
-def runaways(recipes: dict[tuple, dict[str, Recipe]], factor: int = 3, extra: int = 10) -> str:
+def runaways(recipes: dict[tuple, dict[str, Recipe]]) -> str:
     """Per weight width: how many scored utterances (each seed counted) have more errors than
-    factor × reference words + extra (a decode that ran away), and the worst one."""
+    factor × reference words + extra (a decode that ran away: quasr.metrics.ran_away), and the worst one."""
+    from quasr.metrics import RUNAWAY_EXTRA as extra, RUNAWAY_FACTOR as factor
+
     out = []
     widths = sorted({k[2] for k in recipes if k[2]}, reverse=True)
     for bits in widths:
@@ -297,7 +299,7 @@ def runaways(recipes: dict[tuple, dict[str, Recipe]], factor: int = 3, extra: in
                 for r, utts in zip(rec.recs, rec.utts or []):
                     for uid, (e, words) in utts.items():
                         n += 1
-                        excess = e - (factor * words + extra)
+                        excess = e - (factor * words + extra)  # > 0 exactly when ran_away(e, words)
                         over += excess > 0
                         if worst is None or excess > worst[0]:
                             worst = (excess, uid, e, words, f"{label_of(dict(zip(RECIPE_KEYS, key)))} seed {r.get('seed')}")

@@ -34,6 +34,15 @@ class SetResult:
         return {"n_windows": total("windows", 1), "n_fallback_windows": total("fallback_windows"),
                 "n_fallbacks": total("fallbacks"), "n_skipped_windows": total("skipped_windows")}
 
+    def failures(self) -> dict[str, int]:
+        """Failed decodes of the set (quasr.metrics.failure): utterances that ended early ("truncated") or ran
+        away, and the word errors they hold."""
+        out = {}
+        for kind in ("truncated", "runaway"):
+            us = [u for u in self.utterances if u.get("failure") == kind]
+            out[f"n_{kind}"], out[f"{kind}_errors"] = len(us), sum(u["errors"] for u in us)
+        return out
+
     @property
     def n_utts(self) -> int:
         return len(self.utterances)
@@ -58,7 +67,7 @@ def score_set(data: Dataset, hyps: list, seconds: float = 0.0, decoding: str | N
         utts.append({"id": u.id, "speaker": u.speaker, "ref": u.text, "hyp": hyp, "ref_norm": s["ref"],
                      "hyp_norm": s["hyp"], "n_ref": c.n_ref, "errors": c.errors, "sub": c.sub, "del": c.dele,
                      "ins": c.ins, "rare_words": s["rare_words"], "rare_errors": c.rare_errors,
-                     "common_errors": c.common_errors, "rare_pairs": s["rare_pairs"], **dec})
+                     "common_errors": c.common_errors, "rare_pairs": s["rare_pairs"], "failure": metrics.failure(c), **dec})
     return SetResult(data.name, total, by_speaker, utts, seconds, list(data.skipped), decoding,
                      dict(getattr(data, "meta", {}) or {}))
 
@@ -124,7 +133,7 @@ def to_records(results: list[SetResult], **recipe) -> list[dict]:
                           n_rare_words=r.counts.n_rare_ref, wer=_pct(r.counts.wer),
                           rare_wer=_pct(r.counts.rare_wer), common_wer=_pct(r.counts.common_wer),
                           sec_per_utt=round(r.sec_per_utt, 4),
-                          n_skipped=len(r.skipped), **r.windows(), **r.meta))
+                          n_skipped=len(r.skipped), **r.windows(), **r.failures(), **r.meta))
         for spk, c in r.by_speaker.items():
             n = sum(1 for u in r.utterances if u["speaker"] == spk)
             out.append(record(**recipe, **dec, data=r.data, speaker=spk, n_utts=n, n_words=c.n_ref,
@@ -142,17 +151,19 @@ def print_tables(results: list[SetResult], title: str = "", console=None) -> Non
     count = lambda x: "-" if x is None else str(x)  # noqa: E731  (None: not reported, e.g. by a runtime)
     t = Table(title=title or None)
     for col in ("set", "utts", "words", "WER %", "rare words", "rare-WER %", "common-WER %", "windows", "fell back",
-                "silent", "s/utt", "skipped"):
+                "silent", "ended early", "ran away", "s/utt", "skipped"):
         t.add_column(col, justify="left" if col == "set" else "right")
     for r in results:
-        w = r.windows()
+        w, f = r.windows(), r.failures()
+        failed = lambda k: f"{f[f'n_{k}']} ({f[f'{k}_errors']} err)" if f[f"n_{k}"] else "0"  # noqa: E731
         t.add_row(r.data, str(r.n_utts), str(r.counts.n_ref), fmt(r.counts.wer), str(r.counts.n_rare_ref),
                   fmt(r.counts.rare_wer), fmt(r.counts.common_wer), str(w["n_windows"]), count(w["n_fallback_windows"]),
-                  count(w["n_skipped_windows"]), f"{r.sec_per_utt:.2f}", str(len(r.skipped)))
+                  count(w["n_skipped_windows"]), failed("truncated"), failed("runaway"), f"{r.sec_per_utt:.2f}",
+                  str(len(r.skipped)))
     if len(results) > 1:
         t.add_row("mean over sets", "", "", fmt(metrics.mean_over_sets([r.counts.wer for r in results])), "",
                   fmt(metrics.mean_over_sets([r.counts.rare_wer for r in results])),
-                  fmt(metrics.mean_over_sets([r.counts.common_wer for r in results])), "", "", "", "", "")
+                  fmt(metrics.mean_over_sets([r.counts.common_wer for r in results])), "", "", "", "", "", "", "")
     console.print(t)
     for r in results:
         if len(r.by_speaker) > 1:

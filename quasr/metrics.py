@@ -37,6 +37,15 @@ Rare-word error rate
 Common-word error rate
     The same charging for the other reference words: common_wer = 100 * common_errors / (n_ref - n_rare_ref).
     rare_errors + common_errors = all errors, except insertions into an empty reference.
+
+Failed decodes
+    Quantized Whisper mostly fails in two ways that a set's WER mixes with ordinary word errors: it ends a long
+    utterance early (the end-of-text token wins mid-sentence) or it runs away (a loop or a hallucination that
+    the fallback checks let through).  ``failure(counts)`` names them per utterance: "truncated" when a
+    reference of at least ``TRUNCATED_MIN_WORDS`` (8) words loses at least half of them to deletions,
+    "runaway" when the errors exceed 3 x the reference words + 10 (``ran_away``, the test the benchmark
+    reports have used since the evaluation issue), else None.  Both are reading aids, not tuned to any score;
+    full-precision tiny.en has no utterance of either kind on asterisk:test or tts:test.
 """
 
 from __future__ import annotations
@@ -209,6 +218,24 @@ def score_by(keys: Sequence[Hashable], refs: Sequence[str], hyps: Sequence[str])
     for k, r, h in zip(keys, refs, hyps):
         out[k] = out.get(k, WordCounts()) + score_utterance(r, h)["counts"]
     return out
+
+
+TRUNCATED_MIN_WORDS = 8
+RUNAWAY_FACTOR, RUNAWAY_EXTRA = 3, 10
+
+
+def ran_away(errors: int, n_ref: int) -> bool:
+    """Whether an utterance's errors exceed RUNAWAY_FACTOR x its reference words + RUNAWAY_EXTRA."""
+    return errors > RUNAWAY_FACTOR * n_ref + RUNAWAY_EXTRA
+
+
+def failure(counts: WordCounts) -> str | None:
+    """"truncated", "runaway" or None for one utterance's counts (see "Failed decodes" above)."""
+    if counts.n_ref >= TRUNCATED_MIN_WORDS and 2 * counts.dele >= counts.n_ref:
+        return "truncated"
+    if ran_away(counts.errors, counts.n_ref):
+        return "runaway"
+    return None
 
 
 def mean_over_sets(values: Iterable[float | None]) -> float | None:

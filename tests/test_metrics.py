@@ -8,6 +8,7 @@ import pytest
 from quasr.metrics import (
     WordCounts,
     align,
+    failure,
     is_rare,
     mean_over_sets,
     normalize,
@@ -185,3 +186,35 @@ def test_token_cross_entropy_is_per_utterance_and_sees_the_text(tiny):
     wrong, wcounts = token_cross_entropy(tiny, teacher_forced_batches(tiny, swapped))
     for n, c, w, wc in zip(nats, counts, wrong, wcounts):
         assert n / c + 1.0 < w / wc
+
+
+def test_failure_names_early_stops_and_runaways_only():
+    """A long reference that keeps 4 of its 10 words ended early; keeping 6 is ordinary errors; a short reference
+    losing everything is not an early stop; a one-word prompt ran away with 14 extra words (more than 3 x 1 + 10
+    errors), not with 13."""
+    ref = "alpha bravo charlie delta echo foxtrot golf hotel india juliet"
+    counts = lambda r, h: score_utterance(r, h)["counts"]  # noqa: E731
+    assert failure(counts(ref, "alpha bravo charlie delta")) == "truncated"
+    assert failure(counts(ref, "alpha bravo charlie delta echo foxtrot")) is None
+    assert failure(counts("hello there friend", "")) is None
+    assert failure(counts("hello", "hello " + "at " * 14)) == "runaway"
+    assert failure(counts("hello", "hello " + "at " * 13)) is None
+    assert failure(counts(ref, "alpha bravo charlie x y z")) is None  # 4 deleted, 3 substituted
+    assert failure(counts(ref, "")) == "truncated"
+
+
+def test_set_results_count_failed_decodes_and_their_errors():
+    import numpy as np
+
+    from quasr.data import Dataset
+    from quasr.data.utterance import Utterance
+    from quasr.evaluate import score_set, to_records
+
+    ref = "alpha bravo charlie delta echo foxtrot golf hotel india juliet"
+    audio = np.zeros(16000, dtype=np.float32)
+    data = Dataset("toy", [Utterance("a", audio, ref), Utterance("b", audio, "hello"), Utterance("c", audio, ref)])
+    res = score_set(data, ["alpha bravo", "hello " + "no " * 15, ref])
+    assert [u["failure"] for u in res.utterances] == ["truncated", "runaway", None]
+    assert res.failures() == {"n_truncated": 1, "truncated_errors": 8, "n_runaway": 1, "runaway_errors": 15}
+    [rec] = to_records([res], model="m")
+    assert rec["n_truncated"] == 1 and rec["runaway_errors"] == 15 and rec["wer"] == round(100 * 23 / 21, 3)

@@ -92,3 +92,20 @@ def test_frame_errors_splits_speech_from_padding(tmp_path, monkeypatch, capsys, 
     monkeypatch.setattr("sys.argv", ["x", ckpts[0], str(tmp_path)])
     with pytest.raises(SystemExit, match="not a quasr checkpoint"):
         mod.main()
+
+
+def test_failures_script_classifies_committed_transcripts(tmp_path, capsys):
+    """The script scores each line again (it does not trust a stored error count) and names the failed decodes."""
+    mod = _script("failures")
+    ref = "alpha bravo charlie delta echo foxtrot golf hotel india juliet"
+    rows = [{"id": "long", "ref": ref, "hyp": "alpha bravo", "errors": 0, "n_ref": 10},
+            {"id": "short", "ref": "hello", "hyp": "hello " + "no " * 14, "errors": 0, "n_ref": 1},
+            {"id": "fine", "ref": ref, "hyp": ref, "errors": 0, "n_ref": 10}]
+    (tmp_path / "x-asterisk_test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    s = mod.summarize(str(tmp_path / "x-asterisk_test.jsonl"))
+    assert s["errors"] == 22 and s["truncated"] == [("long", 8, 10)] and s["runaway"] == [("short", 14, 1)]
+    mod.main([str(tmp_path / "*-asterisk_test.jsonl"), "--list"])
+    out = capsys.readouterr().out
+    assert "truncated 1 (8 errors, 36 %); runaway 1 (14 errors, 64 %)" in out and "long: 8 errors on 10 words" in out
+    with pytest.raises(SystemExit, match="no transcripts match"):
+        mod.main([str(tmp_path / "nothing-*.jsonl")])
