@@ -632,6 +632,48 @@ START, END = "<!-- results:start -->", "<!-- results:end -->"
 DEFAULT = ["ptq", "fade", "fade-select", "tarq", "tarq-swing", "pqm", "esc", "deploy", "peers"]
 
 
+def failures(path: Path, decoding: str | None = None, model: str | None = None, bits: int | None = None) -> str:
+    """Failed decodes per recipe (quasr.metrics.failure, each transcript scored again): over the recipe's seeds, the
+    utterances that ended early and that ran away, their errors, and their share of all the recipe's errors."""
+    from quasr import metrics
+
+    recs = one_decoding([r for r in json.loads(path.read_text())["records"] if r["speaker"] is None
+                         and (model is None or r["model"] == model)
+                         and (bits is None or r.get("bits") in (bits, None))], path, decoding)
+    sets = list(dict.fromkeys(r["data"] for r in recs))
+    groups: dict[tuple, dict[str, list[dict]]] = {}
+    for r in recs:
+        groups.setdefault(tuple(r.get(k) for k in RECIPE_KEYS), {}).setdefault(r["data"], []).append(r)
+    rows = []
+    for key, by_set in groups.items():
+        k = dict(zip(RECIPE_KEYS, key))
+        seeds = sorted({r.get("seed") for rs in by_set.values() for r in rs if r.get("seed") is not None})
+        row = [k["model"], label_of(k), f"W{k['bits']}G{k['group_size']}" if k["bits"] else None,
+               ",".join(map(str, seeds)) or "-"]
+        for s in sets:
+            n = {"truncated": [0, 0], "runaway": [0, 0]}
+            total = 0
+            for r in by_set.get(s, []):
+                if not r.get("transcripts"):
+                    continue
+                for u in map(json.loads, (path.parent / r["transcripts"]).read_text().splitlines()):
+                    c = metrics.score_utterance(u["ref"], u["hyp"])["counts"]
+                    total += c.errors
+                    kind = metrics.failure(c)
+                    if kind:
+                        n[kind][0] += 1
+                        n[kind][1] += c.errors
+            row += [f"{n[x][0]} ({n[x][1]})" for x in n] + [f"{100 * (n['truncated'][1] + n['runaway'][1]) / total:.0f} %"
+                                                          if total else None]
+        rows.append(row)
+    head = ["model", "method", "weights", "seeds"] + [c for s in sets for c in (
+        f"ended early {s}", f"ran away {s}", f"their share of errors {s}")]
+    return ("Failed decodes, summed over seeds: utterances (their word errors). Ended early: a reference of "
+            f"{metrics.TRUNCATED_MIN_WORDS}+ words lost at least half of them to deletions; ran away: more errors than "
+            f"{metrics.RUNAWAY_FACTOR} × its reference words + {metrics.RUNAWAY_EXTRA} (quasr.metrics.failure).\n\n"
+            + md(rows, head))
+
+
 def report(names: list[str], required: bool = True, decoding: str | None = None, resamples: int = 10_000,
            plot: bool = False) -> str:
     """The tables of bench/results/NAME.json for each name; a missing file is an error unless not required."""
@@ -666,7 +708,20 @@ def main() -> None:
     ap.add_argument("--readme", action="store_true", help="rewrite the tables in README.md between the markers")
     ap.add_argument("--decoding", default=None, help="the decoding policy to report, for files that hold several")
     ap.add_argument("--resamples", type=int, default=10_000, help="bootstrap resamples of each paired interval")
+    ap.add_argument("--failures", action="store_true", help="instead: the failed decodes (ended early, ran away) of "
+                    "each recipe, from its transcripts (--model, --bits narrow it)")
+    ap.add_argument("--model", default=None, help="--failures: one model")
+    ap.add_argument("--bits", type=int, default=None, help="--failures: one weight width (full precision kept)")
     args = ap.parse_args()
+    if args.failures:
+        if args.readme:
+            raise SystemExit("--failures prints a table; it does not go into the README")
+        for name in args.names or DEFAULT:
+            path = RESULTS / f"{name}.json"
+            if not path.exists():
+                raise SystemExit(f"{path}: no such results file (run its benchmark first)")
+            print(f"### {name}\n\n{failures(path, args.decoding, args.model, args.bits)}\n")
+        return
     if args.resamples <= 0:
         raise SystemExit(f"--resamples must be a positive number, got {args.resamples}")
     text = report(args.names or DEFAULT, required=bool(args.names), decoding=args.decoding, resamples=args.resamples,

@@ -331,3 +331,25 @@ def test_a_recorded_failure_is_not_a_measurement(tmp_path):
     assert not results.done(cell)
     results.add(record(**cell, wer=12.0, n_utts=3))
     assert results.done(cell) and len(results.records) == 1 and "error" not in results.records[0]
+
+
+def test_failures_report_sums_failed_decodes_over_seeds_from_the_transcripts(tmp_path):
+    """Counted from each transcript's texts (not its stored error count): GPTQ seed 0 ends a 10-word utterance
+    after two words (8 deletions), seed 1 runs away on a one-word prompt (14 insertions); full precision has none;
+    --bits keeps full precision and drops the other width."""
+    report = _load_report()
+    path = tmp_path / "fade.json"
+    results = ResultsFile(path, "fade", option_keys=("embedding_bits",))
+    (tmp_path / "transcripts").mkdir()
+    long = "alpha bravo charlie delta echo foxtrot golf hotel india juliet"
+    hyps = {("fp", None, None): [long, "hello"], ("gptq", 4, 0): ["alpha bravo", "hello"],
+            ("gptq", 4, 1): [long, "hello" + " no" * 14], ("gptq", 3, 0): ["", ""]}
+    for (method, bits, seed), (h1, h2) in hyps.items():
+        t = f"transcripts/{method}-{bits}-{seed}.jsonl"
+        (tmp_path / t).write_text("".join(json.dumps({"id": i, "ref": r, "hyp": h, "errors": 0, "n_ref": 1}) + "\n"
+                                          for i, r, h in (("u1", long, h1), ("u2", "hello", h2))))
+        results.add(record(model="m", method=method, bits=bits, group_size=bits and 128, embedding_bits=bits and 8,
+                           seed=seed, decoding="standard", data="s", transcripts=t))
+    rows = _rows(report.failures(path, bits=4), 0)
+    assert set(rows) == {"fp", "gptq"}
+    assert "| 0,1 | 1 (8) | 1 (14) | 100 % |" in rows["gptq"] and "| 0 (0) | 0 (0) | - |" in rows["fp"]  # no errors: no share
