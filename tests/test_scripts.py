@@ -109,3 +109,28 @@ def test_failures_script_classifies_committed_transcripts(tmp_path, capsys):
     assert "truncated 1 (8 errors, 36 %); runaway 1 (14 errors, 64 %)" in out and "long: 8 errors on 10 words" in out
     with pytest.raises(SystemExit, match="no transcripts match"):
         mod.main([str(tmp_path / "nothing-*.jsonl")])
+
+
+def test_early_stops_risk_reads_end_of_text_along_the_reference(tiny):
+    """Real tiny.en on a real sentence: a head biased towards <|endoftext|> gives it probability near 1 before the
+    last position, the plain model far less; audio longer than one window has no teacher-forced pass (None)."""
+    import copy
+
+    import numpy as np
+    import torch
+
+    from quasr.data.utterance import Utterance
+    from quasr.data import load_source
+
+    mod = _script("early_stops")
+    u = next(x for x in load_source("asterisk:test").utterances if len(x.text.split()) >= 8 and x.seconds < 20)
+    long = Utterance("long", np.zeros(31 * 16000, dtype=np.float32), "a b c")
+    plain = mod.eot_risk(tiny, [u, long], tiny)
+    biased = copy.deepcopy(tiny)
+    eot = tiny.model.config.eos_token_id
+    head = biased.model.proj_out
+    head.bias = torch.nn.Parameter(torch.zeros(head.out_features))
+    with torch.no_grad():
+        head.bias[eot] = 50.0
+    [risky] = mod.eot_risk(biased, [u], tiny)
+    assert plain[1] is None and plain[0] < 0.5 and risky > 0.99
