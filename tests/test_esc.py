@@ -201,6 +201,9 @@ def test_esc_search_resumes_after_a_kill_to_the_same_scales(tmp_path, monkeypatc
     got = esc.search(asr, modules, local, calib, esc.EscOptions(**opts, state=str(state)), cfg, progress=False)
     assert {n: float(m.input_scale) for n, m in modules.items()} == ref_scales
     assert got["history"] == ref["history"]
+    # the search's time counts the killed run's kept generation too, and says where it resumed
+    assert ref["resumed_at_evaluation"] is None and ref["seconds"] == ref["seconds_this_run"]
+    assert got["resumed_at_evaluation"] == 5 and got["seconds"] > got["seconds_this_run"]
     # another recipe's saved search is refused
     with pytest.raises(Exception, match="another model or recipe"):
         esc.search(asr, modules, local, calib, esc.EscOptions(**dict(opts, seed=4), state=str(state)), cfg,

@@ -134,10 +134,13 @@ def search(asr, modules: dict, local: dict[str, float], calib, opts: EscOptions,
                                    f"another --esc-state", option="esc_state")
         es, evals, history, best = st["es"], st["evals"], st["history"], st["best"]
         es._rng.set_state(st["rng"])  # cmaes does not pickle its generator (it reseeds it at random on load)
+        before, resumed = st.get("seconds"), evals  # seconds the earlier runs spent (None: a state from before
+        # quasr kept them)
     else:
         es = CMA(mean=np.zeros(dim), sigma=opts.sigma, population_size=pop, seed=opts.seed)
         f0 = fitness(np.zeros(dim))
         evals, history, best = 1, [{"generation": 0, "mean_fitness": f0, "best": f0}], f0
+        before, resumed = 0.0, None
     with progress_bar(progress) as bar:
         task = bar.add_task(f"ESC (best {best:.4f})", total=opts.budget, completed=min(evals, opts.budget))
         while evals + pop <= opts.budget:
@@ -156,7 +159,8 @@ def search(asr, modules: dict, local: dict[str, float], calib, opts: EscOptions,
                 tmp = state_path.with_name(state_path.name + ".tmp")
                 with open(tmp, "wb") as fh:
                     pickle.dump({"fingerprint": fp, "es": es, "rng": es._rng.get_state(), "evals": evals,
-                                 "history": history, "best": best}, fh)
+                                 "history": history, "best": best,
+                                 "seconds": None if before is None else before + time.perf_counter() - t0}, fh)
                 tmp.replace(state_path)
     mean = np.asarray(es.mean, dtype=np.float64)
     final = fitness(mean)
@@ -164,5 +168,8 @@ def search(asr, modules: dict, local: dict[str, float], calib, opts: EscOptions,
     apply_scales(modules, scales, cfg.act_bits)
     return {"evaluations": evals + 1, "population": es.population_size, "dims": dim, "fitness": opts.fitness,
             "start_fitness": history[0]["mean_fitness"], "final_fitness": final, "best_sample": best,
-            "generations": len(history) - 1, "seconds": round(time.perf_counter() - t0, 1),
+            "generations": len(history) - 1, "seconds_this_run": round(time.perf_counter() - t0, 1),
+            # the whole search's time over every run that made it (None: an earlier run's time was not kept)
+            "seconds": None if before is None else round(before + time.perf_counter() - t0, 1),
+            "resumed_at_evaluation": resumed,
             "max_abs_offset": float(np.abs(mean).max()), "history": history, "subset_ids": [u.id for u in held]}
