@@ -146,13 +146,13 @@ def print_tables(results: list[SetResult], title: str = "", console=None) -> Non
     from rich.console import Console
     from rich.table import Table
 
-    console = console or Console(width=None if sys.stdout.isatty() else 140)
+    console = console or Console(width=None if sys.stdout.isatty() else 170)
     fmt = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
     count = lambda x: "-" if x is None else str(x)  # noqa: E731  (None: not reported, e.g. by a runtime)
     t = Table(title=title or None)
     for col in ("set", "utts", "words", "WER %", "rare words", "rare-WER %", "common-WER %", "windows", "fell back",
                 "silent", "ended early", "ran away", "s/utt", "skipped"):
-        t.add_column(col, justify="left" if col == "set" else "right")
+        t.add_column(col, justify="left" if col == "set" else "right", no_wrap=col == "set")
     for r in results:
         w, f = r.windows(), r.failures()
         failed = lambda k: f"{f[f'n_{k}']} ({f[f'{k}_errors']} err)" if f[f"n_{k}"] else "0"  # noqa: E731
