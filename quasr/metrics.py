@@ -45,7 +45,7 @@ Failed decodes
     reference of at least ``TRUNCATED_MIN_WORDS`` (8) words loses at least half of them to deletions,
     "runaway" when the errors exceed 3 x the reference words + 10 (``ran_away``, the test the benchmark
     reports have used since the evaluation issue), else None.  Both are reading aids, not tuned to any score;
-    full-precision tiny.en has one of either kind on asterisk:test and tts:test together (a tts sentence that
+    full-precision tiny.en has one such utterance in asterisk:test and tts:test together (a tts sentence that
     ends early).  ``python bench/report.py fade --failures`` counts them per recipe.
 """
 
