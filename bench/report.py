@@ -285,7 +285,7 @@ def ptq(path: Path, decoding: str | None = None, resamples: int = 10_000, refs: 
 def runaways(recipes: dict[tuple, dict[str, Recipe]]) -> str:
     """Per weight width: how many scored utterances (each seed counted) have more errors than
     factor × reference words + extra (a decode that ran away: quasr.metrics.ran_away), and the worst one."""
-    from quasr.metrics import RUNAWAY_EXTRA as extra, RUNAWAY_FACTOR as factor
+    from quasr.metrics import RUNAWAY_EXTRA as extra, RUNAWAY_FACTOR as factor, ran_away
 
     out = []
     widths = sorted({k[2] for k in recipes if k[2]}, reverse=True)
@@ -299,8 +299,8 @@ def runaways(recipes: dict[tuple, dict[str, Recipe]]) -> str:
                 for r, utts in zip(rec.recs, rec.utts or []):
                     for uid, (e, words) in utts.items():
                         n += 1
-                        excess = e - (factor * words + extra)  # > 0 exactly when ran_away(e, words)
-                        over += excess > 0
+                        excess = e - (factor * words + extra)  # how far past the line: the worst is named
+                        over += ran_away(e, words)
                         if worst is None or excess > worst[0]:
                             worst = (excess, uid, e, words, f"{label_of(dict(zip(RECIPE_KEYS, key)))} seed {r.get('seed')}")
         if worst:
