@@ -636,6 +636,7 @@ def failures(path: Path, decoding: str | None = None, model: str | None = None, 
     """Failed decodes per recipe (quasr.metrics.failure, each transcript scored again): over the recipe's seeds, the
     utterances that ended early and that ran away, their errors, and their share of all the recipe's errors."""
     from quasr import metrics
+    from quasr.results import transcript_failures
 
     recs = one_decoding([r for r in json.loads(path.read_text())["records"] if r["speaker"] is None
                          and (model is None or r["model"] == model)
@@ -656,13 +657,11 @@ def failures(path: Path, decoding: str | None = None, model: str | None = None, 
             for r in by_set.get(s, []):
                 if not r.get("transcripts"):
                     continue
-                for u in map(json.loads, (path.parent / r["transcripts"]).read_text().splitlines()):
-                    c = metrics.score_utterance(u["ref"], u["hyp"])["counts"]
-                    total += c.errors
-                    kind = metrics.failure(c)
-                    if kind:
-                        n[kind][0] += 1
-                        n[kind][1] += c.errors
+                errors, failed = transcript_failures(path.parent / r["transcripts"])
+                total += errors
+                for _, kind, e, _ in failed:
+                    n[kind][0] += 1
+                    n[kind][1] += e
             row += [f"{n[x][0]} ({n[x][1]})" for x in n] + [f"{100 * (n['truncated'][1] + n['runaway'][1]) / total:.0f} %"
                                                           if total else None]
         rows.append(row)

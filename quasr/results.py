@@ -233,3 +233,25 @@ class ResultsFile:
                 self.data["records"] = [r for r in self.records if self.key(r) != k] + [rec]
             self.data["created"] = now()
             write_json(self.path, self.data)
+
+
+def transcript_failures(path: str | Path) -> tuple[int, list[tuple[str, str, int, int]]]:
+    """Score a committed transcript file (JSON Lines with "id", "ref", "hyp") again and name its failed decodes
+    (quasr.metrics.failure): (all word errors, [(utterance id, "truncated" | "runaway", its errors, its reference
+    words)]). A line that is not JSON or lacks a field is an error naming the file and line."""
+    from quasr import metrics
+
+    path = Path(path)
+    total, failed = 0, []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            u = json.loads(line)
+            ref, hyp, uid = u["ref"], u["hyp"], u["id"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise QuasrError(f"{path}: line {n} is not a transcript line with id, ref and hyp ({e!r})") from None
+        c = metrics.score_utterance(ref, hyp)["counts"]
+        total += c.errors
+        kind = metrics.failure(c)
+        if kind:
+            failed.append((uid, kind, c.errors, c.n_ref))
+    return total, failed

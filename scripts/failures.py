@@ -11,22 +11,19 @@ errors, then truncated and runaway utterances with their errors and share of the
 from __future__ import annotations
 
 import glob
-import json
 import os
 import sys
 
-from quasr import metrics
+from quasr.errors import QuasrError
+from quasr.results import transcript_failures
 
 
 def summarize(path: str) -> dict:
-    rows = [json.loads(line) for line in open(path)]
-    out = {"file": os.path.basename(path), "n_utts": len(rows), "errors": 0, "truncated": [], "runaway": []}
-    for u in rows:
-        c = metrics.score_utterance(u["ref"], u["hyp"])["counts"]
-        out["errors"] += c.errors
-        kind = metrics.failure(c)
-        if kind:
-            out[kind].append((u["id"], c.errors, c.n_ref))
+    errors, failed = transcript_failures(path)
+    n = sum(1 for _ in open(path))
+    out = {"file": os.path.basename(path), "n_utts": n, "errors": errors, "truncated": [], "runaway": []}
+    for uid, kind, e, words in failed:
+        out[kind].append((uid, e, words))
     return out
 
 
@@ -48,7 +45,10 @@ def main(argv: list[str]) -> None:
         if not files:
             raise SystemExit(f"error: no transcripts match {pattern}")
         for f in files:
-            s = summarize(f)
+            try:
+                s = summarize(f)
+            except QuasrError as e:
+                raise SystemExit(f"error: {e}") from None
             print(line(s))
             if show:
                 for kind in ("truncated", "runaway"):

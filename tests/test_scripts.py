@@ -109,6 +109,9 @@ def test_failures_script_classifies_committed_transcripts(tmp_path, capsys):
     assert "truncated 1 (8 errors, 36 %); runaway 1 (14 errors, 64 %)" in out and "long: 8 errors on 10 words" in out
     with pytest.raises(SystemExit, match="no transcripts match"):
         mod.main([str(tmp_path / "nothing-*.jsonl")])
+    (tmp_path / "y-asterisk_test.jsonl").write_text(json.dumps(rows[0]) + "\n" + json.dumps({"id": "x"}) + "\n")
+    with pytest.raises(SystemExit, match=r"y-asterisk_test.jsonl: line 2 is not a transcript line"):
+        mod.main([str(tmp_path / "y-*.jsonl")])
 
 
 def test_early_stops_risk_reads_end_of_text_along_the_reference(tiny):
