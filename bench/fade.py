@@ -167,6 +167,9 @@ def main() -> None:
     ap.add_argument("--variant", default=None, help="FADE variant (default: the one --select chose)")
     ap.add_argument("--criterion", choices=("ce", "wer"), default="ce",
                     help="--select: choose by dev cross-entropy (default) or dev WER (both are recorded)")
+    ap.add_argument("--methods", default="fade,gptq,gptaq,qep",
+                    help="calibrated recipes measured per seed, always in the order fade, gptq, gptaq, qep "
+                         "(RTN and FP32 are always measured)")
     args = ap.parse_args()
     quiet_transformers()
     if args.select:
@@ -181,6 +184,10 @@ def main() -> None:
     print(f"FADE variant {variant} ({'given' if args.variant else where if chosen else 'default'}), "
           f"padding-frame weight {args.pad_weight} ({'given' if given else where if chosen else 'default'})",
           flush=True)
+    methods = args.methods.split(",")
+    unknown = set(methods) - {"fade", "gptq", "gptaq", "qep"}
+    if unknown:
+        ap.error(f"--methods: unknown {', '.join(sorted(unknown))} (choose from fade, gptq, gptaq, qep)")
     decoding = parse_decoding(args.decoding)
     out = args.out or RESULTS / (f"fade-limit{args.limit}.json" if args.limit else "fade.json")
     results = ResultsFile(out, "fade", fresh=args.fresh, option_keys=OPTION_KEYS)
@@ -198,6 +205,8 @@ def main() -> None:
                 recipes = [("fade", None, variant), ("gptq", None, None), ("gptaq", 0.25, None)]
                 recipes += [("qep", a, None) for a in QEP_ALPHAS]
                 for method, alpha, v in recipes:
+                    if method not in methods:
+                        continue
                     measure(results, cell(args, model, method, bits, alpha, seed, group, v), data, decoding,
                             args.batch_size, sources)
 
