@@ -9,7 +9,8 @@
 on their held-out calib-dev part (quasr.data.held_out), two seeds per candidate, and writes
 bench/results/fade-select.json; the grid then uses the candidates with the lowest mean teacher-forced
 cross-entropy there (--criterion wer: the lowest dev WER; both are recorded; the padding weight leaves 1 only on
-an interval clear of zero), or the --variant / --pad-weight given. Cells that bench/ptq.py measured with the same
+an interval clear of zero, and not for a weight that makes the chosen FADE variant at W3 worse), or the --variant /
+--pad-weight given. Cells that bench/ptq.py measured with the same
 recipe, seed, decoding and set are copied from ptq.json instead of measured again.
 """
 from __future__ import annotations
@@ -86,11 +87,24 @@ def ce_vs(ce, ref) -> list[float] | None:
     return [round(iv.diff / 100, 5), round(iv.lo / 100, 5), round(iv.hi / 100, 5)]
 
 
+def choose_pad_weight(scores: dict, vs_one: dict | None, guard: dict | None = None) -> float:
+    """The padding weight with the lowest `scores` summed over models ({weight: [score per model]}); with `vs_one`
+    ({weight: [[Δ, lo, hi] per model]} against weight 1) it leaves 1 only if its interval lies below zero on some
+    model and above zero on none, nor above zero in `guard` ({weight: [Δ, lo, hi]}: FADE at W3)."""
+    best = min(scores, key=lambda p: sum(x for x in scores[p] if x is not None))
+    if vs_one is None or best == 1.0:
+        return best
+    ivs = [iv for iv in vs_one[best] if iv] + [iv for iv in [(guard or {}).get(best)] if iv]
+    model_ivs = [iv for iv in vs_one[best] if iv]
+    return best if any(iv[2] < 0 for iv in model_ivs) and all(iv[1] < 0 for iv in ivs) else 1.0
+
+
 def select(args) -> dict:
     """Measure the candidates on calib-dev and return the chosen {"variant", "pad_weight"}: by `--criterion`,
     the teacher-forced cross-entropy (default) or the WER of the dev sets, each of the seed-mean model over two
     seeds. The padding weight leaves 1 only for a candidate whose paired cross-entropy interval against 1 lies
-    below zero on some model and is not worse on any (a default every method shares does not move on noise)."""
+    below zero on some model and is not worse on any, nor for the chosen FADE variant at W3 on the first model (a
+    default every method and width shares does not move on noise)."""
     from quasr.paths import cache_dir
 
     args.calib, args.data = SELECT_CALIB, SELECT_DATA
@@ -121,29 +135,45 @@ def select(args) -> dict:
             v_cells[variant].append(c.tag())
     wer = {"pad_weight": {p: [dev_wer(results, model=m, method="gptq", pad_weight=None if p == 1.0 else p)
                               for m in models] for p in PAD_WEIGHTS},
-           "variant": {v: dev_wer(results, model=model, method="fade", variant=v) for v in VARIANTS}}
-    pw_ce = {(m, p): dev_ce(results, m, pw_cells[m, p], cache) for m in models for p in PAD_WEIGHTS}
+           "variant": {v: dev_wer(results, model=model, method="fade", variant=v, pad_weight=None)
+                       for v in VARIANTS}}
     v_ce = {v: dev_ce(results, model, v_cells[v], cache) for v in VARIANTS}
+    crit = {"ce": {v: ce_mean(v_ce[v]) for v in VARIANTS}, "wer": wer["variant"]}[args.criterion]
+    variant = min(VARIANTS, key=lambda v: crit[v] if crit[v] is not None else 1e9)
+    # the padding weight seen from the chosen FADE variant at W3 (first model): a weight GPTQ W4 prefers must not
+    # be worse there either, since the weight is every method's and every width's
+    fw_cells = {1.0: v_cells[variant]}
+    for pw in PAD_WEIGHTS[1:]:
+        args.pad_weight = pw
+        for seed in seeds:
+            c = cell(args, model, "fade", 3, seed=seed, variant=variant)
+            measure(results, c, data, decoding, args.batch_size)
+            fw_cells.setdefault(pw, []).append(c.tag())
+    args.pad_weight = 1.0
+    wer["fade_pad_weight"] = {p: dev_wer(results, model=model, method="fade", variant=variant,
+                                         pad_weight=None if p == 1.0 else p) for p in PAD_WEIGHTS}
+    fw_ce = {p: dev_ce(results, model, fw_cells[p], cache) for p in PAD_WEIGHTS}
+    pw_ce = {(m, p): dev_ce(results, m, pw_cells[m, p], cache) for m in models for p in PAD_WEIGHTS}
     ce = {"pad_weight": {p: [ce_mean(pw_ce[m, p]) for m in models] for p in PAD_WEIGHTS},
-          "variant": {v: ce_mean(v_ce[v]) for v in VARIANTS}}
+          "variant": {v: ce_mean(v_ce[v]) for v in VARIANTS},
+          "fade_pad_weight": {p: ce_mean(fw_ce[p]) for p in PAD_WEIGHTS}}
     # the padding weight changes every method's default: it moves off 1 (as at inference) only if the lowest
-    # candidate's paired interval against 1 excludes zero on some model and is not worse on any
+    # candidate's paired interval against 1 excludes zero on some model and is not worse on any model, nor for
+    # FADE at W3
     vs_one = {p: [ce_vs(pw_ce[m, p], pw_ce[m, 1.0]) for m in models] for p in PAD_WEIGHTS if p != 1.0}
+    fade_vs_one = {p: ce_vs(fw_ce[p], fw_ce[1.0]) for p in PAD_WEIGHTS if p != 1.0}
     crit = ce if args.criterion == "ce" else wer
-    best_pw = min(PAD_WEIGHTS, key=lambda p: sum(x for x in crit["pad_weight"][p] if x is not None))
-    if args.criterion == "ce" and best_pw != 1.0:
-        ivs = [iv for iv in vs_one[best_pw] if iv]
-        if not (any(iv[2] < 0 for iv in ivs) and all(iv[1] < 0 for iv in ivs)):
-            best_pw = 1.0
-    chosen = {"pad_weight": best_pw,
-              "variant": min(VARIANTS, key=lambda v: crit["variant"][v] if crit["variant"][v] is not None else 1e9),
+    best_pw = choose_pad_weight(crit["pad_weight"], vs_one if args.criterion == "ce" else None, fade_vs_one)
+    best_v = min(ce["variant"], key=lambda k: ce["variant"][k] if ce["variant"][k] is not None else 1e9)
+    chosen = {"pad_weight": best_pw, "variant": variant,
               "criterion": args.criterion, "models": models,
-              "dev_wer": {"pad_weight": {str(p): w for p, w in wer["pad_weight"].items()}, "variant": wer["variant"]},
-              "dev_ce": {"pad_weight": {str(p): w for p, w in ce["pad_weight"].items()}, "variant": ce["variant"]},
+              "dev_wer": {"pad_weight": {str(p): w for p, w in wer["pad_weight"].items()}, "variant": wer["variant"],
+                          "fade_pad_weight": {str(p): w for p, w in wer["fade_pad_weight"].items()}},
+              "dev_ce": {"pad_weight": {str(p): w for p, w in ce["pad_weight"].items()}, "variant": ce["variant"],
+                         "fade_pad_weight": {str(p): w for p, w in ce["fade_pad_weight"].items()}},
               "dev_ce_vs_pad_weight_1": {str(p): v for p, v in vs_one.items()},
-              "dev_ce_vs_best_variant": {v: ce_vs(v_ce[v], v_ce[min(ce["variant"], key=lambda k: ce["variant"][k]
-                                                                       if ce["variant"][k] is not None else 1e9)])
-                                         for v in VARIANTS},
+              "fade_dev_ce_vs_pad_weight_1": {str(p): v for p, v in fade_vs_one.items()},
+              "dev_ce_vs_best_variant": {v: ce_vs(v_ce[v], v_ce[best_v]) for v in VARIANTS},
               "data": SELECT_DATA, "calib": SELECT_CALIB, "seeds": seeds}
     results.data["chosen"] = chosen
     results.add()

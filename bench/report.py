@@ -575,13 +575,20 @@ def selection(path: Path) -> str:
         mark = " ✓" if v == ch["variant"] else ""
         rows.append([f"FADE W3G128 `{v}`{mark}"] + [f"{fmt(c, 4)} / {fmt(w)} / {iv(vs_best.get(v))}"]
                     + ["-"] * (len(models) - 1))
+    fade_one = ch.get("fade_dev_ce_vs_pad_weight_1") or {}
+    for p, c in (ch.get("dev_ce") or {}).get("fade_pad_weight", {}).items():  # the guard: FADE W3 at each weight
+        w = ch["dev_wer"]["fade_pad_weight"].get(p)
+        x = [0.0, 0.0, 0.0] if float(p) == 1.0 else fade_one.get(p)
+        rows.append([f"FADE W3G128 `{ch['variant']}`, padding weight {p}"] + [f"{fmt(c, 4)} / {fmt(w)} / {iv(x)}"]
+                    + ["-"] * (len(models) - 1))
     head = [f"candidate (✓ chosen by {'cross-entropy' if crit == 'ce' else 'WER'})"]
     head += [f"{m}: dev nats/token / WER % / Δ nats [95 %]" for m in models]
     note = (f"Calibrated on {ch['calib']}, scored on {ch['data']} (never the test sets); the seed-mean model of "
             f"seeds {', '.join(map(str, ch['seeds']))}; FADE's variants on {models[0]} only. Δ: paired bootstrap "
             "interval over utterances of the candidate's cross-entropy minus padding weight 1's (padding rows) or "
             "the best variant's (variant rows); † excludes zero. The padding weight leaves 1 only for an interval "
-            "below zero on some model and not above on any.")
+            "below zero on some model and not above on any"
+            + (", nor above for the chosen FADE variant at W3 (its padding rows)." if fade_one else "."))
     return note + "\n\n" + md(rows, head)
 
 

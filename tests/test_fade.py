@@ -127,3 +127,31 @@ def test_toolkit_defaults_are_the_committed_selection():
     assert QuantConfig(method="gptq").pad_weight == chosen["pad_weight"]
     for command in (cli.quantize_cmd, cli.compare_cmd):
         assert inspect.signature(command).parameters["pad_weight"].default.default == chosen["pad_weight"]
+
+
+def test_padding_weight_leaves_one_only_on_evidence_and_not_against_fade():
+    """bench/fade.py --select's rule for the padding weight every method shares: the lowest-scoring weight, but it
+    leaves 1 only on a cross-entropy interval below zero for some model, above zero for none, and (the guard) not
+    above zero for FADE at W3."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).parents[1] / "bench"
+    sys.path.insert(0, str(bench))
+    try:
+        spec = importlib.util.spec_from_file_location("fade_bench", bench / "fade.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(str(bench))
+    choose = mod.choose_pad_weight
+    scores = {1.0: [0.60, 0.50], 0.25: [0.59, 0.49], 0.0: [0.61, 0.51]}
+    below, tie, above = [-0.01, -0.02, -0.001], [-0.01, -0.03, 0.01], [0.01, 0.002, 0.02]
+    assert choose(scores, None) == 0.25  # the WER criterion: the lowest, no interval rule
+    assert choose(scores, {0.25: [below, tie], 0.0: [tie, tie]}) == 0.25
+    assert choose(scores, {0.25: [tie, tie], 0.0: [tie, tie]}) == 1.0  # noise does not move a shared default
+    assert choose(scores, {0.25: [below, above], 0.0: [tie, tie]}) == 1.0  # better on one model, worse on another
+    assert choose(scores, {0.25: [below, tie], 0.0: [tie, tie]}, {0.25: above}) == 1.0  # FADE W3 worse: stays 1
+    assert choose(scores, {0.25: [below, tie], 0.0: [tie, tie]}, {0.25: tie}) == 0.25
+    assert choose({1.0: [0.5, 0.4], 0.25: [0.6, 0.5]}, {0.25: [below, below]}) == 1.0  # 1 scores lowest

@@ -293,6 +293,17 @@ def test_selection_report_marks_the_choice_by_its_criterion(tmp_path):
     assert cells[2].strip().endswith("-0.0100 [-0.0200, -0.0010] †") and "†" not in cells[3]
     assert "FADE W3G128 `split` ✓" in lines and "FADE W3G128 `size`" in lines
     assert "chosen by cross-entropy" in text
+    assert "nor above for the chosen FADE variant" not in text  # no guard measured: the note does not claim one
+    chosen["dev_ce"]["fade_pad_weight"] = {"1.0": 0.78, "0.25": 0.79}
+    chosen["dev_wer"]["fade_pad_weight"] = {"1.0": 20.0, "0.25": 22.0}
+    chosen["fade_dev_ce_vs_pad_weight_1"] = {"0.25": [0.01, 0.002, 0.02]}
+    path.write_text(json.dumps({"records": [], "chosen": chosen}))
+    text = report.selection(path)
+    lines = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ") and "---" not in line}
+    assert "(reference)" in lines["FADE W3G128 `split`, padding weight 1.0"]
+    assert lines["FADE W3G128 `split`, padding weight 0.25"].split("|")[2].strip() == \
+        "0.7900 / 22.00 / +0.0100 [+0.0020, +0.0200] †"
+    assert "nor above for the chosen FADE variant" in text
     path.write_text(json.dumps({"records": []}))
     assert "not finished" in report.selection(path)
 
