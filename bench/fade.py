@@ -138,32 +138,32 @@ def select(args) -> dict:
            "variant": {v: dev_wer(results, model=model, method="fade", variant=v, pad_weight=None)
                        for v in VARIANTS}}
     v_ce = {v: dev_ce(results, model, v_cells[v], cache) for v in VARIANTS}
-    crit = {"ce": {v: ce_mean(v_ce[v]) for v in VARIANTS}, "wer": wer["variant"]}[args.criterion]
-    variant = min(VARIANTS, key=lambda v: crit[v] if crit[v] is not None else 1e9)
-    # the padding weight seen from the chosen FADE variant at W3 (first model): a weight GPTQ W4 prefers must not
-    # be worse there either, since the weight is every method's and every width's
+    v_crit = {"ce": {v: ce_mean(v_ce[v]) for v in VARIANTS}, "wer": wer["variant"]}[args.criterion]
+    variant = min(VARIANTS, key=lambda v: v_crit[v] if v_crit[v] is not None else 1e9)
+    pw_ce = {(m, p): dev_ce(results, m, pw_cells[m, p], cache) for m in models for p in PAD_WEIGHTS}
+    ce = {"pad_weight": {p: [ce_mean(pw_ce[m, p]) for m in models] for p in PAD_WEIGHTS},
+          "variant": {v: ce_mean(v_ce[v]) for v in VARIANTS}}
+    # the padding weight changes every method's default: it moves off 1 (as at inference) only if the lowest
+    # candidate's paired interval against 1 excludes zero on some model and is not worse on any model, nor for
+    # the chosen FADE variant at W3 on the first model (the guard: measured at that candidate only)
+    vs_one = {p: [ce_vs(pw_ce[m, p], pw_ce[m, 1.0]) for m in models] for p in PAD_WEIGHTS if p != 1.0}
+    crit = ce if args.criterion == "ce" else wer
+    vs = vs_one if args.criterion == "ce" else None
+    candidate = choose_pad_weight(crit["pad_weight"], vs)
     fw_cells = {1.0: v_cells[variant]}
-    for pw in PAD_WEIGHTS[1:]:
+    for pw in [candidate] if candidate != 1.0 else []:
         args.pad_weight = pw
         for seed in seeds:
             c = cell(args, model, "fade", 3, seed=seed, variant=variant)
             measure(results, c, data, decoding, args.batch_size)
             fw_cells.setdefault(pw, []).append(c.tag())
     args.pad_weight = 1.0
+    fw_ce = {p: dev_ce(results, model, fw_cells[p], cache) for p in fw_cells}
     wer["fade_pad_weight"] = {p: dev_wer(results, model=model, method="fade", variant=variant,
-                                         pad_weight=None if p == 1.0 else p) for p in PAD_WEIGHTS}
-    fw_ce = {p: dev_ce(results, model, fw_cells[p], cache) for p in PAD_WEIGHTS}
-    pw_ce = {(m, p): dev_ce(results, m, pw_cells[m, p], cache) for m in models for p in PAD_WEIGHTS}
-    ce = {"pad_weight": {p: [ce_mean(pw_ce[m, p]) for m in models] for p in PAD_WEIGHTS},
-          "variant": {v: ce_mean(v_ce[v]) for v in VARIANTS},
-          "fade_pad_weight": {p: ce_mean(fw_ce[p]) for p in PAD_WEIGHTS}}
-    # the padding weight changes every method's default: it moves off 1 (as at inference) only if the lowest
-    # candidate's paired interval against 1 excludes zero on some model and is not worse on any model, nor for
-    # FADE at W3
-    vs_one = {p: [ce_vs(pw_ce[m, p], pw_ce[m, 1.0]) for m in models] for p in PAD_WEIGHTS if p != 1.0}
-    fade_vs_one = {p: ce_vs(fw_ce[p], fw_ce[1.0]) for p in PAD_WEIGHTS if p != 1.0}
-    crit = ce if args.criterion == "ce" else wer
-    best_pw = choose_pad_weight(crit["pad_weight"], vs_one if args.criterion == "ce" else None, fade_vs_one)
+                                         pad_weight=None if p == 1.0 else p) for p in fw_cells}
+    ce["fade_pad_weight"] = {p: ce_mean(fw_ce[p]) for p in fw_cells}
+    fade_vs_one = {p: ce_vs(fw_ce[p], fw_ce[1.0]) for p in fw_cells if p != 1.0}
+    best_pw = choose_pad_weight(crit["pad_weight"], vs, fade_vs_one)
     best_v = min(ce["variant"], key=lambda k: ce["variant"][k] if ce["variant"][k] is not None else 1e9)
     chosen = {"pad_weight": best_pw, "variant": variant,
               "criterion": args.criterion, "models": models,
