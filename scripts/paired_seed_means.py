@@ -4,21 +4,59 @@
         'bench/results/transcripts/ptq-whisper-tiny.en-qep-bits=3-*seed=?-decoding=standard-alpha=0.25-*-{set}.jsonl' \
         'bench/results/transcripts/ptq-whisper-tiny.en-gptq-bits=3-*seed=?-decoding=standard-encoder*-{set}.jsonl'
 
-Each pattern (with {set} replaced by asterisk_test and tts_test) matches one transcript file per seed; each
-utterance's errors are averaged over seeds, and A − B is reported in WER points with a 95 % paired bootstrap
-interval over utterances (quasr.stats.paired_bootstrap), as `bench/report.py` does against RTN and FP32.
+    python scripts/paired_seed_means.py \
+        'bench/results/fade.json?model=whisper-tiny.en&method=fade&bits=3&pad_weight=0.25' \
+        'bench/results/fade.json?model=whisper-tiny.en&method=fade&bits=3&pad_weight=null'
+
+Each pattern (with {set} replaced by asterisk_test and tts_test) matches one transcript file per seed, or a
+results file with `?key=value&...` names its records (values read as JSON where they parse: null, numbers; a key
+`seeds=0,1` keeps those seeds) and their transcripts, which tells apart what a file name's hash hides (the padding
+weight, say); each utterance's errors are averaged over seeds, and A − B is reported in WER points with a 95 %
+paired bootstrap interval over utterances (quasr.stats.paired_bootstrap), as `bench/report.py` does against RTN
+and FP32.
 """
 from __future__ import annotations
 
 import glob
 import json
 import sys
+from pathlib import Path
 
 from quasr.stats import better_worse, paired_bootstrap
 
 
-def seed_mean(pattern: str):
-    files = sorted(glob.glob(pattern))
+SETS = {"asterisk_test": "asterisk:test", "tts_test": "tts:test"}
+
+
+def transcript_files(spec: str, set_name: str) -> list[str]:
+    """The transcript files of one set named by `spec`: a glob ({set} filled in), or RESULTS.json?key=value&..."""
+    path, _, query = spec.partition("?")  # a glob's own "?" stays a glob unless a .json file comes before it
+    if not (path.endswith(".json") and Path(path).is_file()):
+        return sorted(glob.glob(spec.format(set=set_name)))
+    want, seeds = {}, None
+    for kv in query.split("&"):
+        k, _, v = kv.partition("=")
+        if k == "seeds":
+            seeds = {int(x) for x in v.split(",")}
+            continue
+        try:
+            want[k] = json.loads(v)
+        except ValueError:
+            want[k] = v
+    recs = [r for r in json.loads(Path(path).read_text())["records"]
+            if r.get("speaker") is None and r.get("data") == SETS[set_name] and r.get("transcripts")
+            and all(r.get(k) == v for k, v in want.items()) and (seeds is None or r.get("seed") in seeds)]
+    by_seed = {}
+    for r in recs:
+        if r.get("seed") in by_seed:
+            raise SystemExit(f"error: {spec} names more than one record of seed {r.get('seed')} on {SETS[set_name]}; "
+                             "add keys to tell them apart")
+        by_seed[r.get("seed")] = str(Path(path).parent / r["transcripts"])
+    return [by_seed[k] for k in sorted(by_seed, key=lambda x: (x is None, x))]
+
+
+def seed_mean(pattern: str, set_name: str = "asterisk_test"):
+    files = transcript_files(pattern, set_name)
     if not files:
         raise SystemExit(f"error: no transcripts match {pattern}")
     per = [{u["id"]: (u["errors"], u["n_ref"]) for u in map(json.loads, open(f))} for f in files]
@@ -32,8 +70,8 @@ def main() -> None:
     if len(sys.argv) != 3:
         raise SystemExit(__doc__)
     for s in ("asterisk_test", "tts_test"):
-        ia, a, n, ka = seed_mean(sys.argv[1].format(set=s))
-        ib, b, _, kb = seed_mean(sys.argv[2].format(set=s))
+        ia, a, n, ka = seed_mean(sys.argv[1], s)
+        ib, b, _, kb = seed_mean(sys.argv[2], s)
         if ia != ib:
             raise SystemExit(f"error: {s}: the two recipes were scored on different utterances")
         bw = better_worse(a, b)

@@ -45,6 +45,35 @@ def test_paired_seed_means_averages_each_utterance_over_seeds(tmp_path, monkeypa
         mod.main()
 
 
+def test_paired_seed_means_reads_records_a_results_file_names(tmp_path, monkeypatch, capsys):
+    """`FILE.json?key=value&...` picks records by their keys (null for an absent padding weight, numbers parsed),
+    whatever their transcript file names hide; `seeds=` keeps some; two records of one seed are refused."""
+    mod = _script("paired_seed_means")
+    n, recs = 30, []
+    (tmp_path / "transcripts").mkdir()
+    for pw, errs in ((None, [3, 5]), (0.25, [1, 1])):
+        for seed, e in enumerate(errs):
+            for s, data in (("asterisk_test", "asterisk:test"), ("tts_test", "tts:test")):
+                name = f"transcripts/x-{seed}-{pw}-{s}.jsonl"
+                _transcripts(tmp_path / name, [e] * n)
+                recs.append({"method": "fade", "bits": 3, "seed": seed, "pad_weight": pw, "speaker": None,
+                             "data": data, "transcripts": name})
+                recs.append({**recs[-1], "speaker": "spk1"})  # per-speaker rows are not the set's record
+    results = tmp_path / "r.json"
+    results.write_text(json.dumps({"records": recs}))
+    q = f"{results}?method=fade&bits=3"
+    monkeypatch.setattr("sys.argv", ["x", q + "&pad_weight=0.25", q + "&pad_weight=null"])
+    mod.main()
+    out = capsys.readouterr().out.splitlines()
+    assert all("A (2 seeds) − B (2 seeds)" in line and "-30.00 [-30.00, -30.00]" in line for line in out)
+    monkeypatch.setattr("sys.argv", ["x", q + "&pad_weight=0.25", q + "&pad_weight=null&seeds=1"])
+    mod.main()
+    assert all("B (1 seeds)" in line and "-40.00" in line for line in capsys.readouterr().out.splitlines())
+    monkeypatch.setattr("sys.argv", ["x", q, q + "&pad_weight=null"])
+    with pytest.raises(SystemExit, match="more than one record of seed 0"):
+        mod.main()
+
+
 def test_calib_dev_ce_excludes_every_utterance_a_checkpoint_calibrated_on(tmp_path):
     """Weights' draw, the activation scales' sample and the ESC fitness subset are all in-sample for a checkpoint:
     a held-out cross-entropy must leave out each of them."""
