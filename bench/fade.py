@@ -94,9 +94,9 @@ def choose_pad_weight(scores: dict, vs_one: dict | None, guard: dict | None = No
     best = min(scores, key=lambda p: sum(x for x in scores[p] if x is not None))
     if vs_one is None or best == 1.0:
         return best
-    ivs = [iv for iv in vs_one[best] if iv] + [iv for iv in [(guard or {}).get(best)] if iv]
     model_ivs = [iv for iv in vs_one[best] if iv]
-    return best if any(iv[2] < 0 for iv in model_ivs) and all(iv[1] < 0 for iv in ivs) else 1.0
+    guard_ivs = [iv for iv in [(guard or {}).get(best)] if iv]
+    return best if any(iv[2] < 0 for iv in model_ivs) and all(iv[1] < 0 for iv in model_ivs + guard_ivs) else 1.0
 
 
 def select(args) -> dict:
