@@ -90,12 +90,15 @@ def ce_vs(ce, ref) -> list[float] | None:
 def choose_pad_weight(scores: dict, vs_one: dict | None, guard: dict | None = None) -> float:
     """The padding weight with the lowest `scores` summed over models ({weight: [score per model]}); with `vs_one`
     ({weight: [[Δ, lo, hi] per model]} against weight 1) it leaves 1 only if its interval lies below zero on some
-    model and above zero on none, nor above zero in `guard` ({weight: [Δ, lo, hi]}: FADE at W3)."""
+    model and above zero on none, nor above zero in `guard` ({weight: [Δ, lo, hi]}: FADE at W3; a guard given
+    without an interval at that weight keeps 1)."""
     best = min(scores, key=lambda p: sum(x for x in scores[p] if x is not None))
     if vs_one is None or best == 1.0:
         return best
+    if guard is not None and not guard.get(best):
+        return 1.0  # the guard was asked for and has no interval at this weight: no evidence, the weight stays
     model_ivs = [iv for iv in vs_one[best] if iv]
-    guard_ivs = [iv for iv in [(guard or {}).get(best)] if iv]
+    guard_ivs = [guard[best]] if guard is not None else []
     return best if any(iv[2] < 0 for iv in model_ivs) and all(iv[1] < 0 for iv in model_ivs + guard_ivs) else 1.0
 
 

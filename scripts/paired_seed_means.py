@@ -59,7 +59,13 @@ def seed_mean(pattern: str, set_name: str = "asterisk_test"):
     files = transcript_files(pattern, set_name)
     if not files:
         raise SystemExit(f"error: no transcripts match {pattern}")
-    per = [{u["id"]: (u["errors"], u["n_ref"]) for u in map(json.loads, open(f))} for f in files]
+    missing = [f for f in files if not Path(f).is_file()]
+    if missing:
+        raise SystemExit(f"error: {pattern} names transcripts that are not there: {', '.join(missing)}")
+    try:
+        per = [{u["id"]: (u["errors"], u["n_ref"]) for u in map(json.loads, open(f))} for f in files]
+    except (ValueError, KeyError) as e:
+        raise SystemExit(f"error: {pattern}: a transcript line without id, errors and n_ref ({e!r})") from None
     ids = list(per[0])
     if any(p.keys() != per[0].keys() for p in per):
         raise SystemExit(f"error: the files of {pattern} hold different utterances")

@@ -154,4 +154,5 @@ def test_padding_weight_leaves_one_only_on_evidence_and_not_against_fade():
     assert choose(scores, {0.25: [below, above], 0.0: [tie, tie]}) == 1.0  # better on one model, worse on another
     assert choose(scores, {0.25: [below, tie], 0.0: [tie, tie]}, {0.25: above}) == 1.0  # FADE W3 worse: stays 1
     assert choose(scores, {0.25: [below, tie], 0.0: [tie, tie]}, {0.25: tie}) == 0.25
+    assert choose(scores, {0.25: [below, tie], 0.0: [tie, tie]}, {0.25: None}) == 1.0  # guard not measured: stays
     assert choose({1.0: [0.5, 0.4], 0.25: [0.6, 0.5]}, {0.25: [below, below]}) == 1.0  # 1 scores lowest

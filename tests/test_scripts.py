@@ -72,6 +72,10 @@ def test_paired_seed_means_reads_records_a_results_file_names(tmp_path, monkeypa
     monkeypatch.setattr("sys.argv", ["x", q, q + "&pad_weight=null"])
     with pytest.raises(SystemExit, match="more than one record of seed 0"):
         mod.main()
+    (tmp_path / recs[0]["transcripts"]).unlink()  # a record whose transcript is gone: named, not a traceback
+    monkeypatch.setattr("sys.argv", ["x", q + "&pad_weight=null", q + "&pad_weight=0.25"])
+    with pytest.raises(SystemExit, match="not there: .*x-0-None-asterisk_test.jsonl"):
+        mod.main()
 
 
 def test_calib_dev_ce_excludes_every_utterance_a_checkpoint_calibrated_on(tmp_path):
