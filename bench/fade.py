@@ -203,6 +203,8 @@ def main() -> None:
     ap.add_argument("--methods", default="fade,gptq,gptaq,qep",
                     help="calibrated recipes measured per seed, always in the order fade, gptq, gptaq, qep "
                          "(RTN and FP32 are always measured)")
+    ap.add_argument("--alphas", default=None,
+                    help=f"QEP's global strengths to measure (default: {','.join(map(str, QEP_ALPHAS))})")
     args = ap.parse_args()
     quiet_transformers()
     if args.select:
@@ -221,6 +223,12 @@ def main() -> None:
     unknown = set(methods) - {"fade", "gptq", "gptaq", "qep"}
     if unknown:
         ap.error(f"--methods: unknown {', '.join(sorted(unknown))} (choose from fade, gptq, gptaq, qep)")
+    try:
+        alphas = [float(a) for a in args.alphas.split(",")] if args.alphas else list(QEP_ALPHAS)
+    except ValueError:
+        ap.error(f"--alphas: expected numbers separated by commas, got {args.alphas!r}")
+    if not all(0.0 <= a <= 1.0 for a in alphas):
+        ap.error(f"--alphas: each strength must lie in [0, 1], got {args.alphas!r}")
     decoding = parse_decoding(args.decoding)
     out = args.out or RESULTS / (f"fade-limit{args.limit}.json" if args.limit else "fade.json")
     results = ResultsFile(out, "fade", fresh=args.fresh, option_keys=OPTION_KEYS)
@@ -236,7 +244,7 @@ def main() -> None:
                     sources)
             for seed in seeds:
                 recipes = [("fade", None, variant), ("gptq", None, None), ("gptaq", 0.25, None)]
-                recipes += [("qep", a, None) for a in QEP_ALPHAS]
+                recipes += [("qep", a, None) for a in alphas]
                 for method, alpha, v in recipes:
                     if method not in methods:
                         continue
