@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from ptq import RESULTS, arguments, cell  # noqa: E402
 
-from quasr.bench import OPTION_KEYS, measure, measure_fp, parse_data  # noqa: E402
+from quasr.bench import OPTION_KEYS, measure, measure_fp, parse_alphas, parse_data  # noqa: E402
 from quasr.decoding import parse_decoding  # noqa: E402
 from quasr.methods.fade import DEFAULT_VARIANT, VARIANTS  # noqa: E402
 from quasr.models.whisper import quiet_transformers  # noqa: E402
@@ -224,11 +224,9 @@ def main() -> None:
     if unknown:
         ap.error(f"--methods: unknown {', '.join(sorted(unknown))} (choose from fade, gptq, gptaq, qep)")
     try:
-        alphas = [float(a) for a in args.alphas.split(",")] if args.alphas else list(QEP_ALPHAS)
-    except ValueError:
-        ap.error(f"--alphas: expected numbers separated by commas, got {args.alphas!r}")
-    if not all(0.0 <= a <= 1.0 for a in alphas):
-        ap.error(f"--alphas: each strength must lie in [0, 1], got {args.alphas!r}")
+        alphas = parse_alphas(args.alphas) if args.alphas else list(QEP_ALPHAS)
+    except ValueError as e:
+        ap.error(str(e))
     decoding = parse_decoding(args.decoding)
     out = args.out or RESULTS / (f"fade-limit{args.limit}.json" if args.limit else "fade.json")
     results = ResultsFile(out, "fade", fresh=args.fresh, option_keys=OPTION_KEYS)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from quasr.bench import OPTION_KEYS, Cell, measure, measure_fp, parse_data, print_records
+from quasr.bench import OPTION_KEYS, Cell, measure, measure_fp, parse_alphas, parse_data, print_records
 from quasr.decoding import parse_decoding
 from quasr.models.whisper import quiet_transformers
 from quasr.results import ResultsFile
@@ -65,6 +65,10 @@ def main() -> None:
     ap.add_argument("--bits", default="4,3")
     ap.add_argument("--alphas", default=None, help="override QEP alphas, e.g. 0.5")
     args = ap.parse_args()
+    try:
+        alphas = parse_alphas(args.alphas) if args.alphas else None
+    except ValueError as e:
+        ap.error(str(e))
     decoding = parse_decoding(args.decoding)
     seeds = [int(x) for x in args.seeds.split(",")]
     quiet_transformers()
@@ -73,8 +77,8 @@ def main() -> None:
     data = parse_data(args.data, args.limit)
     methods = args.methods.split(",")
     grid = [(m, a) for m, a in GRID if m in methods]
-    if args.alphas and "qep" in methods:
-        grid = [(m, a) for m, a in grid if m != "qep"] + [("qep", float(a)) for a in args.alphas.split(",")]
+    if alphas and "qep" in methods:
+        grid = [(m, a) for m, a in grid if m != "qep"] + [("qep", a) for a in alphas]
 
     for model_name in args.models.split(","):
         if "fp" in methods:

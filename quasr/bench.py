@@ -198,6 +198,20 @@ def parse_data(spec: str, limit: int | None) -> list[tuple[str, int | None]]:
     return out
 
 
+def parse_alphas(spec: str) -> list[float]:
+    """"0.25,0.5" -> [0.25, 0.5]: QEP / GPTAQ global strengths, each in [0, 1]; ValueError naming the bad one."""
+    out = []
+    for part in spec.split(","):
+        try:
+            a = float(part)
+        except ValueError:
+            raise ValueError(f"--alphas: {part!r} is not a number (expected e.g. 0.25,0.5)") from None
+        if not 0.0 <= a <= 1.0:
+            raise ValueError(f"--alphas: {a} lies outside [0, 1]")
+        out.append(a)
+    return out
+
+
 def reuse(results: ResultsFile, keys: dict, data: str, decoding: Decoding, sources: list[ResultsFile]) -> bool:
     """Copy the records of a cell measured in another results file of the same directory (same recipe, seed,
     decoding and set) into `results`; True if it was found."""

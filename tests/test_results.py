@@ -364,3 +364,13 @@ def test_failures_report_sums_failed_decodes_over_seeds_from_the_transcripts(tmp
     rows = _rows(report.failures(path, bits=4), 0)
     assert set(rows) == {"fp", "gptq"}
     assert "| 0,1 | 1 (8) | 1 (14) | 100 % |" in rows["gptq"] and "| 0 (0) | 0 (0) | - |" in rows["fp"]  # no errors: no share
+
+
+def test_alphas_are_parsed_and_bad_ones_named():
+    from quasr.bench import parse_alphas
+
+    assert parse_alphas("0.25,0.5,1") == [0.25, 0.5, 1.0]
+    with pytest.raises(ValueError, match="'x' is not a number"):
+        parse_alphas("0.25,x")
+    with pytest.raises(ValueError, match=r"1.5 lies outside \[0, 1\]"):
+        parse_alphas("1.5")
