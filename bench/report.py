@@ -402,9 +402,11 @@ def ref_name(r: str) -> str:
 # quasr's rows each peer is paired with, by the peer's bits: GPTQ (the same algorithm as llm-compressor's), and QEP
 # α=0.5 (the compensation strength calib-dev chose for the whisper.cpp files, bench/results/selection/; at W3G128
 # it is also the lowest-WER α, a test-set fact, so it is not called "chosen" there); and FADE with the defaults
-# calib-dev chose (bench/results/fade-select.json), where fade.json has it
+# calib-dev chose (bench/results/fade-select.json), where fade.json has it: at padding weight 1 (how its grid was
+# measured) and, at W3 (five seeds), at 0.25, the toolkit's default since calib-dev chose it
 PEER_REFERENCE = {4: (("gptq", 128), ("qep α=0.5", 128), ("fade (split-size-vuln)", 128)),
-                  3: (("gptq", 128), ("qep α=0.5", 128), ("fade (split-size-vuln)", 128)), 8: (("rtn", 128),)}
+                  3: (("gptq", 128), ("qep α=0.5", 128), ("fade (split-size-vuln)", 128),
+                      ("fade (split-size-vuln), pad weight 0.25", 128)), 8: (("rtn", 128),)}
 # quasr's rows besides ptq.json's: each method benchmark's own method (its other rows are copies of ptq.json's)
 METHOD_FILES = {"fade.json": ("fade",), "tarq.json": ("tarq",)}
 
