@@ -70,6 +70,7 @@ def run(results, keys: dict, make, runtime: str, compute_type: str, data, decodi
     if all(results.done(dict(keys, decoding=decoding.label, data=d, speaker=None)) for d, _ in data):
         return
     path = make()
+    print(f"== {path.name}: transcribing in {runtime} ({', '.join(d for d, _ in data)})", flush=True)
     asr = load_runtime(runtime, str(path), compute_type)
     size = path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.iterdir())
     extra = {"size_mb": round(size / 1e6, 2), "runtime_settings": asr.settings(decoding), "file": str(path)}
