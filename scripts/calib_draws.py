@@ -53,9 +53,15 @@ def main() -> None:
     ap.add_argument("--bits", type=int, default=3)
     args = ap.parse_args()
     from quasr.cli import _calibration
+    from quasr.errors import QuasrError
 
+    if not args.results.is_file():
+        raise SystemExit(f"error: --results: no results file at {args.results}")
     seeds = [int(s) for s in args.seeds.split(",")]
-    stats = {s: draw_stats(_calibration(args.calib.split(","), args.n_calib, s, False)) for s in seeds}
+    try:
+        stats = {s: draw_stats(_calibration(args.calib.split(","), args.n_calib, s, False)) for s in seeds}
+    except QuasrError as e:
+        raise SystemExit(f"error: {e}") from None
     cols = list(next(iter(stats.values())))
     print(f"calibration draws ({args.n_calib} of {args.calib}):")
     print("| seed | " + " | ".join(cols) + " |\n" + "|---" * (len(cols) + 1) + "|")
