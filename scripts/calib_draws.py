@@ -36,7 +36,8 @@ def early_stops(results: Path, model: str, bits: int) -> dict[tuple[str, str], d
     for r in json.loads(results.read_text())["records"]:
         if r.get("model") != model or r.get("bits") != bits or r.get("seed") is None or not r.get("transcripts"):
             continue
-        recipe = r["method"] + (f" α={r['alpha']}" if r.get("alpha") is not None else "") + \
+        recipe = r["method"] + (f" ({r['variant']})" if r.get("variant") else "") + \
+            (f" α={r['alpha']}" if r.get("alpha") is not None else "") + \
             (f" pad {r['pad_weight']}" if r.get("pad_weight") is not None else "")
         _, failed = transcript_failures(results.parent / r["transcripts"])
         out[(recipe, r["data"])][r["seed"]] = sum(kind == "truncated" for _, kind, _, _ in failed)
