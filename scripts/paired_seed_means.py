@@ -13,7 +13,8 @@ results file with `?key=value&...` names its records (values read as JSON where 
 `seeds=0,1` keeps those seeds) and their transcripts, which tells apart what a file name's hash hides (the padding
 weight, say); each utterance's errors are averaged over seeds, and A − B is reported in WER points with a 95 %
 paired bootstrap interval over utterances (quasr.stats.paired_bootstrap), as `bench/report.py` does against RTN
-and FP32.
+and FP32. With `--by-speaker` (first argument) the same comparison is made again within each speaker of each set
+(the transcripts' "speaker" field): which voices a recipe's loss or gain comes from.
 """
 from __future__ import annotations
 
@@ -72,17 +73,42 @@ def seed_mean(pattern: str, set_name: str = "asterisk_test"):
     return ids, [sum(p[i][0] for p in per) / len(per) for i in ids], [per[0][i][1] for i in ids], len(files)
 
 
+def speakers(pattern: str, set_name: str) -> dict[str, str]:
+    """utterance id → speaker, from the first transcript file `pattern` names (all its seeds share the audio)."""
+    first = transcript_files(pattern, set_name)[0]
+    out = {}
+    for line in open(first):
+        u = json.loads(line)
+        if not u.get("speaker"):
+            raise SystemExit(f"error: {first}: utterance {u.get('id')} has no speaker; --by-speaker needs one on "
+                             "every line")
+        out[u["id"]] = u["speaker"]
+    return out
+
+
 def main() -> None:
-    if len(sys.argv) != 3:
+    args = sys.argv[1:]
+    by_speaker = bool(args) and args[0] == "--by-speaker"
+    args = args[1:] if by_speaker else args
+    if len(args) != 2:
         raise SystemExit(__doc__)
     for s in ("asterisk_test", "tts_test"):
-        ia, a, n, ka = seed_mean(sys.argv[1], s)
-        ib, b, _, kb = seed_mean(sys.argv[2], s)
+        ia, a, n, ka = seed_mean(args[0], s)
+        ib, b, _, kb = seed_mean(args[1], s)
         if ia != ib:
             raise SystemExit(f"error: {s}: the two recipes were scored on different utterances")
         bw = better_worse(a, b)
         print(f"{s}: A ({ka} seeds) − B ({kb} seeds): {paired_bootstrap(a, b, n)} WER points; "
               f"A better / worse on {bw[0]} / {bw[1]} utterances")
+        if not by_speaker:
+            continue
+        who = speakers(args[0], s)
+        for spk in sorted(set(who.values())):
+            keep = [j for j, i in enumerate(ia) if who.get(i) == spk]
+            sa, sb, sn = ([x[j] for j in keep] for x in (a, b, n))
+            bw = better_worse(sa, sb)
+            print(f"  {spk} ({len(keep)} utterances, {sum(sn)} words): {paired_bootstrap(sa, sb, sn)} WER points; "
+                  f"A better / worse on {bw[0]} / {bw[1]}")
 
 
 if __name__ == "__main__":

@@ -45,6 +45,30 @@ def test_paired_seed_means_averages_each_utterance_over_seeds(tmp_path, monkeypa
         mod.main()
 
 
+def test_paired_seed_means_by_speaker_splits_the_comparison_by_voice(tmp_path, monkeypatch, capsys):
+    """--by-speaker: A is 2 errors better on every utterance of voice x and 1 worse on every one of voice y, so the
+    set's difference (+0.5 errors an utterance on average, −5 points) splits into −20 and +10 points; a transcript
+    without a speaker field is refused by name."""
+    mod = _script("paired_seed_means")
+    n = 20
+    for s in ("asterisk_test", "tts_test"):
+        for name, errs in (("a", [1] * n + [4] * n), ("b", [3] * n + [3] * n)):
+            lines = [{"id": f"u{i}", "speaker": "x" if i < n else "y", "errors": e, "n_ref": 10}
+                     for i, e in enumerate(errs)]
+            (tmp_path / f"{name}-seed=0-{s}.jsonl").write_text("".join(json.dumps(u) + "\n" for u in lines))
+    monkeypatch.setattr("sys.argv", ["x", "--by-speaker", str(tmp_path / "a-seed=?-{set}.jsonl"),
+                                     str(tmp_path / "b-seed=?-{set}.jsonl")])
+    mod.main()
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 6
+    assert "-5.00 [" in out[0] and out[1].startswith("  x (20 utterances, 200 words): -20.00 [-20.00, -20.00]")
+    assert out[2].startswith("  y (20 utterances, 200 words): +10.00 [+10.00, +10.00]") and "0 / 20" in out[2]
+    _transcripts(tmp_path / "a-seed=0-asterisk_test.jsonl", [1] * (2 * n))  # no speaker field
+    _transcripts(tmp_path / "b-seed=0-asterisk_test.jsonl", [1] * (2 * n))
+    with pytest.raises(SystemExit, match="a-seed=0-asterisk_test.jsonl: utterance u0 has no speaker"):
+        mod.main()
+
+
 def test_paired_seed_means_reads_records_a_results_file_names(tmp_path, monkeypatch, capsys):
     """`FILE.json?key=value&...` picks records by their keys (null for an absent padding weight, numbers parsed),
     whatever their transcript file names hide; `seeds=` keeps some; two records of one seed are refused."""
