@@ -251,8 +251,9 @@ def ptq(path: Path, decoding: str | None = None, resamples: int = 10_000, refs: 
         busy = max(r.get("load_avg") or 0 for rec in by_set.values() for r in rec.recs) > BUSY_LOAD
         speeds = [fp_speed[(k["model"], k["runtime"], s)] / by_set[s].mean_std("sec_per_utt")[0] for s in by_set
                   if fp_speed.get((k["model"], k["runtime"], s)) and by_set[s].mean_std("sec_per_utt")[0]]
-        q = first.mean_std("quant_seconds")
-        cost.append(head + [pm(q[0], q[1]) if q[0] is not None else None, first.mean_std("peak_rss_mb")[0],
+        q, partial = quant_seconds(first)
+        cost.append(head + [(pm(q[0], q[1]) + (" ‡" if partial else "")) if q[0] is not None else None,
+                            first.mean_std("peak_rss_mb")[0],
                             first.recs[0].get("size_mb"), first.recs[0].get("bits_per_weight"),
                             timed(sum(speeds) / len(speeds), busy) if speeds else None]
                     + [timed(by_set[s].mean_std("sec_per_utt")[0], busy) if s in by_set else None for s in sets])
@@ -278,8 +279,19 @@ def ptq(path: Path, decoding: str | None = None, resamples: int = 10_000, refs: 
            "Cost:", "",
            md(fmt_int(cost), ["model", "method", "weights", "quant s", "peak RSS MB", "ckpt MB", "bits/weight",
                               "speed vs fp"] + [f"s/utt {s}" for s in sets]), "",
-           f"\\* timed while other work shared the CPUs (load average above {BUSY_LOAD})."]
+           f"\\* timed while other work shared the CPUs (load average above {BUSY_LOAD})."
+           + (" ‡ the mean leaves out seeds whose record times only part of the quantization (its "
+              "`quant_seconds_partial` says which part)." if any("‡" in str(r[3]) for r in cost) else "")]
     return "\n".join(out)
+
+
+def quant_seconds(rec: Recipe) -> tuple[tuple, int]:
+    """(mean, std, n) of the quantization seconds over the seeds whose record times the whole quantization, and
+    how many seeds were left out (a record with `quant_seconds_partial`: say, a resumed search's second part)."""
+    from quasr.stats import mean_std
+
+    whole = [r.get("quant_seconds") for r in rec.recs if not r.get("quant_seconds_partial")]
+    return mean_std(whole), len(rec.recs) - len(whole)
 
 
 def runaways(recipes: dict[tuple, dict[str, Recipe]]) -> str:

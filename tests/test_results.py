@@ -134,6 +134,30 @@ def test_report_intervals_flag_a_clear_difference(tmp_path):
     assert "1.5" not in pair["gptq"] and "60 / 0" in pair["gptq"]
 
 
+def test_report_cost_leaves_out_a_seed_that_timed_only_part_of_its_quantization(tmp_path):
+    """Seeds timed 100 and 200 s and a resumed run's 5 s marked partial: the cost cell is 150 ± 70.71 over the
+    two whole ones, marked ‡ with its footnote; without the mark all three count and no footnote is written."""
+    report = _load_report()
+    path = tmp_path / "ptq.json"
+    results = ResultsFile(path, "ptq", option_keys=("embedding_bits", "layers"))
+    _cells(tmp_path, results, [("fp", None, [0] * 4), ("rtn", None, [1] * 4)]
+           + [("gptq", s, [1] * 4) for s in range(3)])
+    saved = json.loads(path.read_text())
+    for r in saved["records"]:
+        if r["method"] == "gptq":
+            r["quant_seconds"] = (100.0, 200.0, 5.0)[r["seed"]]
+            if r["seed"] == 2:
+                r["quant_seconds_partial"] = "the second part of a resumed run"
+    path.write_text(json.dumps(saved))
+    text = report.ptq(path, resamples=200)
+    assert "| 150.00 ± 70.71 ‡ |" in _rows(text, 2)["gptq"] and "‡ the mean leaves out seeds" in text
+    for r in saved["records"]:
+        r.pop("quant_seconds_partial", None)
+    path.write_text(json.dumps(saved))
+    text = report.ptq(path, resamples=200)
+    assert "| 101.67 ± 97.51 |" in _rows(text, 2)["gptq"] and "‡" not in text
+
+
 def test_report_refuses_mixed_decodings_and_bad_resamples(tmp_path, monkeypatch):
     report = _load_report()
     path = tmp_path / "ptq.json"
