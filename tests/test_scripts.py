@@ -47,7 +47,7 @@ def test_paired_seed_means_averages_each_utterance_over_seeds(tmp_path, monkeypa
 
 def test_paired_seed_means_by_speaker_splits_the_comparison_by_voice(tmp_path, monkeypatch, capsys):
     """--by-speaker: A is 2 errors better on every utterance of voice x and 1 worse on every one of voice y, so the
-    set's difference (+0.5 errors an utterance on average, −5 points) splits into −20 and +10 points; a transcript
+    set's difference (−0.5 errors an utterance on average, −5 points) splits into −20 and +10 points; a transcript
     without a speaker field is refused by name."""
     mod = _script("paired_seed_means")
     n = 20
