@@ -216,6 +216,7 @@ def ptq(path: Path, decoding: str | None = None, resamples: int = 10_000, refs: 
     runtime_of = RECIPE_KEYS.index("runtime")
     order = sorted(own, key=lambda k: (models.index(k[0]), str(k[runtime_of] or ""), -(k[2] or 99)))
     acc, pair, cost = [], [], []
+    any_partial = False  # a cost cell left out a seed's partial timing: say so under the table
     fp_speed = {(k[0], k[runtime_of], s): rec.mean_std("sec_per_utt")[0] for k, by in recipes.items() if k[1] == "fp"
                 for s, rec in by.items()}
     for key in order:
@@ -252,6 +253,7 @@ def ptq(path: Path, decoding: str | None = None, resamples: int = 10_000, refs: 
         speeds = [fp_speed[(k["model"], k["runtime"], s)] / by_set[s].mean_std("sec_per_utt")[0] for s in by_set
                   if fp_speed.get((k["model"], k["runtime"], s)) and by_set[s].mean_std("sec_per_utt")[0]]
         q, partial = quant_seconds(first)
+        any_partial = any_partial or bool(partial and q[0] is not None)
         cost.append(head + [(pm(q[0], q[1]) + (" ‡" if partial else "")) if q[0] is not None else None,
                             first.mean_std("peak_rss_mb")[0],
                             first.recs[0].get("size_mb"), first.recs[0].get("bits_per_weight"),
@@ -281,7 +283,7 @@ def ptq(path: Path, decoding: str | None = None, resamples: int = 10_000, refs: 
                               "speed vs fp"] + [f"s/utt {s}" for s in sets]), "",
            f"\\* timed while other work shared the CPUs (load average above {BUSY_LOAD})."
            + (" ‡ the mean leaves out seeds whose record times only part of the quantization (its "
-              "`quant_seconds_partial` says which part)." if any("‡" in str(r[3]) for r in cost) else "")]
+              "`quant_seconds_partial` says which part)." if any_partial else "")]
     return "\n".join(out)
 
 
