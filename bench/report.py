@@ -418,7 +418,8 @@ def ref_name(r: str) -> str:
 # it is also the lowest-WER α, a test-set fact, so it is not called "chosen" there); and FADE with the defaults
 # calib-dev chose (bench/results/fade-select.json), where fade.json has it: at padding weight 1 (how its grid was
 # measured) and, at W3 (five seeds), at 0.25, the toolkit's default since calib-dev chose it
-PEER_REFERENCE = {4: (("gptq", 128), ("qep α=0.5", 128), ("fade (split-size-vuln)", 128)),
+PEER_REFERENCE = {4: (("gptq", 128), ("qep α=0.5", 128), ("fade (split-size-vuln)", 128),
+                      ("fade (split-size-vuln), pad weight 0.25", 128)),
                   3: (("gptq", 128), ("qep α=0.5", 128), ("fade (split-size-vuln)", 128),
                       ("fade (split-size-vuln), pad weight 0.25", 128)), 8: (("rtn", 128),)}
 # quasr's rows besides ptq.json's: each method benchmark's own method (its other rows are copies of ptq.json's)
@@ -638,6 +639,30 @@ def label_of(k: dict) -> str:
     return label
 
 
+def timing(path: Path) -> str:
+    """quasr's GPTQ against llm-compressor's on the same job (bench/peers/time_gptq.py): per model and thread count,
+    each tool's quantization seconds over the repetitions, the load average before each run, and the ratio of the
+    means (quasr / llm-compressor)."""
+    d = json.loads(path.read_text())
+    groups: dict[tuple, dict[str, list[dict]]] = {}
+    for r in d["records"]:
+        groups.setdefault((r["model"], r["threads"]), {}).setdefault(r["tool"], []).append(r)
+    rows = []
+    for (model, threads), by_tool in groups.items():
+        mean = {t: sum(r["quant_seconds"] for r in rs) / len(rs) for t, rs in by_tool.items()}
+        row = [model, threads]
+        for tool in ("quasr", "llmcompressor"):
+            rs = by_tool.get(tool, [])
+            row += [" / ".join(f"{r['quant_seconds']:.1f}" for r in rs) or None,
+                    " / ".join(f"{r['load_avg_before']:.2f}" for r in rs) or None]
+        row.append(f"{mean['quasr'] / mean['llmcompressor']:.2f}" if len(mean) == 2 else None)
+        rows.append(row)
+    return (f"Commands:\n\n{commands(d)}\n\nSeconds to quantize a loaded model (calibration audio read), one per "
+            "repetition; the load average before each run (above the thread count: other work shared the CPUs).\n\n"
+            + md(rows, ["model", "threads", "quasr gptq s", "load before", "llm-compressor gptq s", "load before",
+                        "quasr / llm-compressor"]))
+
+
 def commands(d: dict) -> str:
     """The distinct commands that measured the records of a results file, in order, as a bash block."""
     cmds = list(dict.fromkeys(r.get("command") or d["command"] for r in d["records"]))
@@ -650,9 +675,10 @@ TITLES = {"baseline": "Full precision", "ptq": "Weight-only post-training quanti
           "deploy": "In the runtimes: whisper.cpp and faster-whisper",
           "pqm": "PQM: NF4 base with per-speaker LoRA adapters",
           "esc": "ESC: full-integer quantization (weights and activations)",
-          "peers": "Side by side with the tools users pick today"}
+          "peers": "Side by side with the tools users pick today",
+          "gptq-timing": "GPTQ against llm-compressor's GPTQ, timed on the same job"}
 START, END = "<!-- results:start -->", "<!-- results:end -->"
-DEFAULT = ["ptq", "fade", "fade-select", "tarq", "tarq-swing", "pqm", "esc", "deploy", "peers"]
+DEFAULT = ["ptq", "fade", "fade-select", "tarq", "tarq-swing", "pqm", "esc", "deploy", "peers", "gptq-timing"]
 
 
 def failures(path: Path, decoding: str | None = None, model: str | None = None, bits: int | None = None) -> str:
@@ -714,6 +740,8 @@ def report(names: list[str], required: bool = True, decoding: str | None = None,
                 body = pqm(path, decoding, resamples)
             elif name.startswith("peers"):
                 body = peers(path, decoding, resamples, plot)
+            elif name == "gptq-timing":
+                body = timing(path)
             elif name == "fade-select":
                 body = selection(path)
             else:

@@ -357,6 +357,19 @@ def test_peers_report_pairs_each_peer_with_quasr_and_draws_wer_against_size(tmp_
     assert not list(tmp_path.glob(".peers.png*"))
 
 
+def test_timing_report_divides_the_mean_seconds_of_the_two_tools_per_thread_count(tmp_path):
+    report = _load_report()
+    results = ResultsFile(tmp_path / "gptq-timing.json", "gptq-timing", option_keys=("tool", "threads", "rep"))
+    for threads, quasr, llmc in ((1, (80.0, 100.0), (200.0, 200.0)), (2, (60.0,), (90.0, 110.0))):
+        for tool, secs in (("quasr", quasr), ("llmcompressor", llmc)):
+            results.add(*[record(model="m", method=tool, tool=tool, threads=threads, rep=i, quant_seconds=s,
+                                 load_avg_before=0.1) for i, s in enumerate(secs)])
+    rows = {line.split("|")[2].strip(): line for line in report.timing(tmp_path / "gptq-timing.json").splitlines()
+            if line.startswith("| m |")}
+    assert rows["1"].rstrip(" |").endswith("0.45") and "80.0 / 100.0" in rows["1"]  # 90 / 200
+    assert rows["2"].rstrip(" |").endswith("0.60")  # 60 / 100: the repetitions are averaged, not paired
+
+
 def test_a_recorded_failure_is_not_a_measurement(tmp_path):
     """A peer's failed cell keeps a record with its error; running the cell again (peers --retry-failed) must
     measure it, not skip it as done (the retry once only re-sized the failure records)."""

@@ -56,6 +56,8 @@ def main() -> None:
     ap.add_argument("--decoding", default="standard")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--command", default=None)
+    ap.add_argument("--quantize-only", action="store_true",
+                    help="quantize, print the seconds it took as JSON and stop (bench/peers/time_gptq.py)")
     args = ap.parse_args()
 
     import torch
@@ -93,6 +95,10 @@ def main() -> None:
     t = time.perf_counter()
     QUANTIZE[args.peer](asr, args.scheme, calib)
     quant_seconds = time.perf_counter() - t
+    if args.quantize_only:
+        print(json.dumps({"quant_seconds": round(quant_seconds, 2), "threads": torch.get_num_threads(),
+                          "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}))
+        return
     asr.model.eval()
     extra = {"peer": args.peer, "scheme": args.scheme, "scheme_desc": desc, "quant_seconds": round(quant_seconds, 2),
              "versions": [v for v in versions if v.lower().startswith(keep)],
