@@ -89,6 +89,8 @@ def main() -> None:
                     load = round(os.getloadavg()[0], 2)
                     t = time.perf_counter()
                     got = tools[tool](model, threads)
+                    if "threads" in got:  # the runner's torch.get_num_threads(), beside the OMP_NUM_THREADS asked
+                        got["torch_threads"] = got.pop("threads")
                     wall = round(time.perf_counter() - t, 1)
                     results.add(record(**keys, **got, wall_seconds=wall, load_avg_before=load))
                     print(f"{model} {tool:13s} threads={threads} rep={rep}: {got['quant_seconds']:.1f} s "
