@@ -470,7 +470,7 @@ def peers(path: Path, decoding: str | None = None, resamples: int = 10_000, plot
             rows.append([model, f"quasr {key[1]}", w]
                         + [pm(*recipes[s].mean_std("wer")[:2]) if s in recipes else None for s in sets]
                         + [pm(*recipes[s].mean_std("rare_wer")[:2]) if s in recipes else None for s in sets]
-                        + [first.get("size_mb"), first.get("quant_seconds")])
+                        + [first.get("size_mb"), pm(*quant_seconds(next(iter(recipes.values())))[0][:2])])
         for (m, method), by_set in peer_rows.items():
             if m != model:
                 continue
