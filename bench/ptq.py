@@ -50,12 +50,14 @@ def arguments(ap: argparse.ArgumentParser, seeds: str = "0,1,2") -> None:
     ap.add_argument("--percdamp", type=float, default=0.01, help="GPTQ damping (fraction of the mean Hessian diagonal)")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--fresh", action="store_true")
+    ap.add_argument("--act-order", action="store_true", help="GPTQ-based methods: columns by decreasing Hessian "
+                                                              "diagonal, static groups (quasr quantize --act-order)")
 
 
 def cell(args, model: str, method: str, bits: int, alpha=None, seed=None, group_size=None, variant=None) -> Cell:
     return Cell(model, method, bits, group_size or args.group_size or None, alpha, variant, seed,
                 tuple(args.calib.split(",")), args.n_calib, args.encoder_frames, args.pad_stride, args.pad_weight,
-                args.embedding_bits, args.percdamp, args.layers)
+                args.embedding_bits, args.percdamp, args.layers, act_order=getattr(args, "act_order", False))
 
 
 def main() -> None:

@@ -53,7 +53,7 @@ BUSY_LOAD = 2.5  # a 1-minute load average above this on the 2-core machines mea
 SEED_KEYS = ("seed",)  # what varies between the records of one recipe
 RECIPE_KEYS = ("model", "method", "bits", "group_size", "alpha", "variant", "embedding_bits", "encoder_frames",
                "pad_stride", "pad_weight", "percdamp", "layers", "calib", "n_calib", "decoding", "pool", "tail_cost",
-               "runtime", "rtype", "sym", "act_bits", "act_mode", "act_calibrator", "esc_budget", "mse")
+               "runtime", "rtype", "sym", "act_bits", "act_mode", "act_calibrator", "esc_budget", "mse", "act_order")
 REFS = {"fade": ("rtn", "gptq"), "tarq": ("gptq", "rtn"), "tarq-swing": ("gptq",),  # default: rtn and fp
         "deploy": ("rtn-runtime", "fp"), "esc": ("act:mse", "fp")}  # act:NAME: the same recipe, another calibrator
 RARE_PAIRS = {"tarq", "tarq-swing"}  # benchmarks whose paired table also compares rare-word errors
@@ -619,6 +619,8 @@ def label_of(k: dict) -> str:
         label = f"{k['runtime']} {k['rtype']}: " + {"rtn-runtime": "its own rounding"}.get(k["method"], label)
     if k.get("variant"):
         label += f" ({k['variant']})"
+    if k.get("act_order"):  # GPTQ's columns by decreasing Hessian diagonal (quasr quantize --act-order)
+        label += ", act-order"
     if k.get("mse"):  # each group's scale searched (quasr quantize --mse)
         label += ", searched scales"
     if k.get("percdamp") not in (None, 0.01):  # GPTQ's default damping is left unsaid

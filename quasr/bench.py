@@ -90,7 +90,7 @@ def print_records(records: list[dict], columns: list[str], title: str = "") -> N
 
 OPTION_KEYS = ("alpha", "variant", "encoder_frames", "pad_stride", "pad_weight", "embedding_bits", "percdamp",
                "layers", "pool", "tail_cost", "sym", "act_mode", "act_calibrator", "esc_seed", "esc_budget",
-               "mse")
+               "mse", "act_order")
 
 
 @dataclass(frozen=True)
@@ -120,6 +120,7 @@ class Cell:
     act_calibrator: str = "mse"
     esc_seed: int = 0
     esc_budget: int | None = None       # None: quasr's default
+    act_order: bool = False             # GPTQ's columns by decreasing Hessian diagonal (static groups)
 
     @property
     def calibrated(self) -> bool:
@@ -141,7 +142,7 @@ class Cell:
                     embedding_bits=self.embedding_bits or None, percdamp=self.percdamp if c else None,
                     layers=None if self.layers == "all" else self.layers,
                     pool=self.pool if c and self.pool != "random" else None, tail_cost=self.tail_cost,
-                    **self._act_keys())
+                    act_order=True if self.act_order else None, **self._act_keys())
 
     def _act_keys(self) -> dict:
         if self.act_bits is None:
@@ -179,6 +180,8 @@ class Cell:
             cmd += ["--tail-cost", str(self.tail_cost)]
         if self.sym:
             cmd += ["--sym"]
+        if self.act_order:
+            cmd += ["--act-order"]
         if self.act_bits is not None:
             cmd += ["--act-bits", str(self.act_bits), "--act-mode", self.act_mode,
                     "--act-calibrator", self.act_calibrator]
