@@ -411,3 +411,12 @@ def test_alphas_are_parsed_and_bad_ones_named():
         parse_alphas("0.25,x")
     with pytest.raises(ValueError, match=r"1.5 lies outside \[0, 1\]"):
         parse_alphas("1.5")
+
+
+def test_act_order_is_its_own_cell_and_old_records_keep_matching_the_default():
+    from quasr.bench import Cell
+
+    plain, ordered = Cell("m", "gptq", 4), Cell("m", "gptq", 4, act_order=True)
+    assert plain.keys()["act_order"] is None  # records from before the option match the plain cell
+    assert ordered.keys()["act_order"] is True and ordered.tag() != plain.tag()
+    assert "--act-order" in ordered.quantize_command("out") and "--act-order" not in plain.quantize_command("out")
