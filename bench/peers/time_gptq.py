@@ -75,6 +75,13 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "gptq-timing.json")
     args = ap.parse_args()
+    from quasr.models import BUNDLED
+
+    for model in args.models.split(","):  # fail before any work: an unknown model, or no llm-compressor venv
+        if model not in BUNDLED:
+            raise SystemExit(f"error: unknown model {model!r} (bundled: {', '.join(BUNDLED)})")
+    if not (VENVS / "llmcompressor" / "bin" / "python").exists():
+        raise SystemExit(f"error: no venv for llm-compressor under {VENVS}: run bash bench/peers/setup.sh llmcompressor")
     results = ResultsFile(args.out, "gptq-timing", option_keys=OPTION_KEYS)
     tools = {"llmcompressor": run_llmcompressor, "quasr": run_quasr}
     for model in args.models.split(","):
